@@ -1,0 +1,1 @@
+"""Prompt optimizers: the BPO model and the backends that serve it."""

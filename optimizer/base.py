@@ -1,0 +1,78 @@
+"""The optimizer seam: the protocol every backend implements and the values it trades in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Mode = Literal["stable", "aggressive"]
+MODES: tuple[Mode, ...] = ("stable", "aggressive")
+
+State = Literal["loading", "ready", "failed", "disabled"]
+
+
+class OptimizerError(Exception):
+    """The optimizer ran but could not produce a rewrite."""
+
+
+class OptimizerUnavailable(OptimizerError):
+    """The optimizer cannot serve right now (still loading, failed to load, backend unreachable)."""
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One optimized prompt and the optimizer (``name@version``) that wrote it."""
+
+    text: str
+    optimizer: str
+
+
+@dataclass(frozen=True)
+class OptimizerStatus:
+    """What ``/readyz`` shows about the optimizer."""
+
+    state: State
+    optimizer: str
+    detail: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state in ("ready", "disabled")
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """Knobs shared by the backends; each backend reads the ones that apply to it."""
+
+    max_new_tokens: int = 256
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    seed: int | None = None
+    device: str | None = None
+    remote_model: str | None = None
+    request_timeout: float = 30.0
+    api_key: str | None = None
+    on_batch: Callable[[int], None] | None = field(default=None, compare=False)
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """Rewrites one prompt. Implementations must be safe to call concurrently from one event loop."""
+
+    @property
+    def identity(self) -> str:
+        """``name@version``: the same model gives the same identity in every process."""
+        ...
+
+    def status(self) -> OptimizerStatus: ...
+
+    async def start(self) -> None:
+        """Begin serving; a slow load may continue in the background (``status`` says when ready)."""
+        ...
+
+    async def optimize(self, text: str, mode: Mode) -> Rewrite:
+        """Return the rewrite of ``text``; raise ``OptimizerUnavailable`` or ``OptimizerError``."""
+        ...
+
+    async def close(self) -> None: ...

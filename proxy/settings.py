@@ -1,0 +1,236 @@
+"""The one settings object: flags beat ``BPO_*`` environment variables, which beat ``--config`` YAML."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "BPO_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or contradicts another; the message names it."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """One LiteLLM-style ``model_list`` entry: the public name and the litellm params behind it."""
+
+    model_name: str
+    litellm_params: Mapping[str, Any]
+
+    @property
+    def provider_model(self) -> str:
+        return str(self.litellm_params["model"])
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``bpo serve`` can be told. Each field is a flag ``--name-with-dashes`` and ``BPO_NAME``."""
+
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on")
+    config: str | None = _opt(None, "YAML config file (LiteLLM-style model_list and any setting below)")
+    upstream_base_url: str | None = _opt(
+        None, "OpenAI-compatible upstream, e.g. https://api.openai.com/v1 (used for models not in model_list)"
+    )
+    upstream_api_key: str | None = _opt(
+        None, "key sent upstream instead of the client's Authorization (default: forward the client's)"
+    )
+    upstream_timeout: float = _opt(600.0, "seconds to wait for the upstream before answering 504")
+    optimizer: str = _opt("hf:THUDM/BPO", "optimizer spec: none | hf:PATH_OR_HUB_ID | remote:BASE_URL | llm:MODEL")
+    optimizer_timeout: float = _opt(3.0, "deadline in seconds for one rewrite; past it the original is sent")
+    optimizer_max_new_tokens: int = _opt(256, "longest rewrite, in tokens")
+    optimizer_max_batch_size: int = _opt(8, "most prompts generated together in one batch")
+    optimizer_max_wait_ms: float = _opt(5.0, "longest a prompt waits for its batch to fill, in ms")
+    optimizer_seed: int | None = _opt(None, "seed for reproducible rewrites")
+    optimizer_device: str | None = _opt(None, "torch device for hf: (default: cuda, then mps, then cpu)")
+    optimizer_model: str | None = _opt(None, "model name on a remote: server (default: its first /v1/models)")
+    optimizer_api_key: str | None = _opt(None, "API key for a remote: or llm: optimizer")
+    require_optimizer: bool = _opt(False, "fail start-up when the optimizer cannot load, instead of passing through")
+    mode: str = _opt("stable", "default rewrite mode: stable | aggressive", choices=("stable", "aggressive"))
+    optimize_by_default: bool = _opt(True, "rewrite prompts when neither X-BPO nor an A/B split decides")
+    max_prompt_chars: int = _opt(8000, "prompts longer than this are forwarded unchanged (too-long)")
+    max_body_bytes: int = _opt(10 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
+    cache: str = _opt("memory", "rewrite cache: memory | redis://HOST:PORT/DB | none")
+    cache_ttl_seconds: int = _opt(7 * 24 * 3600, "how long a cached rewrite lives")
+    cache_namespace: str = _opt("bpo", "key prefix, so deployments can share one Redis")
+    cache_max_entries: int = _opt(10_000, "in-process cache size, in entries")
+    cache_max_bytes: int = _opt(64 * 1024 * 1024, "in-process cache size, in bytes")
+    cache_per_tenant: bool = _opt(False, "scope cached rewrites per API key, so tenants never share them")
+    ab_treatment_percent: float | None = _opt(None, "percent of sticky users in the treatment arm (0-100)")
+    ab_salt: str = _opt("bpo", "salt of the arm hash; keep it to keep users in their arm")
+    ab_experiment: str = _opt("default", "experiment name recorded with every event")
+    events: str = _opt("none", "events sink: jsonl:PATH | redis://HOST:PORT/DB | none")
+    events_include_text: bool = _opt(False, "record prompt texts in events (off: never)")
+    shadow_judge_model: str | None = _opt(None, "litellm model that judges treatment vs control off the request path")
+    shadow_judge_base_url: str | None = _opt(None, "OpenAI-compatible base URL for the shadow judge")
+    shadow_rate: float = _opt(0.05, "fraction of treatment requests judged in the shadow")
+    shadow_max_per_minute: int = _opt(60, "most shadow judgements started per minute")
+    admin_key: str | None = _opt(None, "bearer key for /admin/* (admin endpoints are off without it)")
+    log_level: str = _opt("info", "log level: debug | info | warning | error")
+    model_list: tuple[ModelRoute, ...] = field(
+        default=(), metadata={"help": "LiteLLM-style routes (config file only)", "config_only": True}
+    )
+
+    def route_for(self, model: str) -> ModelRoute | None:
+        return next((route for route in self.model_list if route.model_name == model), None)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _field_type(name: str) -> Any:
+    hint = typing.get_type_hints(Settings)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else hint
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = _field_type(name)
+    if value is None or kind is tuple or typing.get_origin(kind) is tuple:
+        return value
+    try:
+        if kind is bool:
+            return _to_bool(value)
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: {value!r} is not a valid {kind.__name__}") from exc
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; defaults stay unset so env and config can fill them."""
+    for name, spec in FIELDS.items():
+        if spec.metadata.get("config_only"):
+            continue
+        help_text = f"{spec.metadata['help']} [env {env_name(name)}; default {spec.default!r}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if _field_type(name) is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        if "choices" in spec.metadata:
+            kwargs["choices"] = spec.metadata["choices"]
+        parser.add_argument(flag_name(name), **kwargs)
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge defaults < config YAML < environment < flags, then validate."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and k in FIELDS}
+    environ = os.environ if environ is None else environ
+    env_values = {n: _coerce(n, environ[env_name(n)], env_name(n)) for n in FIELDS if env_name(n) in environ}
+    config_path = flags.get("config") or env_values.get("config")
+    values: dict[str, Any] = _read_config(Path(config_path)) if config_path else {}
+    values.update(env_values)
+    values.update({n: _coerce(n, v, flag_name(n)) for n, v in flags.items()})
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise SettingsError(f"--config: cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"--config: {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SettingsError(f"--config: {path} must hold a mapping")
+    # LiteLLM configs keep proxy settings under general_settings / bpo_settings; accept both.
+    values = dict(raw.get("bpo_settings") or raw.get("general_settings") or {})
+    values.update({k: v for k, v in raw.items() if k in FIELDS and k != "model_list"})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise SettingsError(f"--config: unknown setting(s) {', '.join(unknown)} in {path}")
+    values = {k: _coerce(k, v, f"{path}: {k}") for k, v in values.items()}
+    values["model_list"] = _parse_model_list(raw.get("model_list") or [], path)
+    return values
+
+
+def _parse_model_list(entries: Sequence[Any], path: Path) -> tuple[ModelRoute, ...]:
+    routes = []
+    for index, entry in enumerate(entries):
+        where = f"--config: {path}: model_list[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("model_name"), str):
+            raise SettingsError(f"{where} needs a model_name")
+        params = entry.get("litellm_params")
+        if not isinstance(params, dict) or not isinstance(params.get("model"), str):
+            raise SettingsError(f"{where} needs litellm_params.model")
+        routes.append(ModelRoute(entry["model_name"], _resolve_env_refs(params)))
+    return tuple(routes)
+
+
+def _resolve_env_refs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """LiteLLM's ``os.environ/NAME`` convention keeps keys out of config files."""
+    resolved = {}
+    for key, value in params.items():
+        if isinstance(value, str) and value.startswith("os.environ/"):
+            value = os.environ.get(value.removeprefix("os.environ/"), "")
+        resolved[key] = value
+    return resolved
+
+
+def validate(settings: Settings) -> None:
+    checks = [
+        (1 <= settings.port <= 65535, "port", "must be between 1 and 65535"),
+        (settings.optimizer_timeout > 0, "optimizer_timeout", "must be positive"),
+        (settings.upstream_timeout > 0, "upstream_timeout", "must be positive"),
+        (settings.max_prompt_chars > 0, "max_prompt_chars", "must be positive"),
+        (settings.max_body_bytes > 0, "max_body_bytes", "must be positive"),
+        (settings.optimizer_max_batch_size >= 1, "optimizer_max_batch_size", "must be at least 1"),
+        (settings.mode in ("stable", "aggressive"), "mode", "must be stable or aggressive"),
+        (0 <= settings.shadow_rate <= 1, "shadow_rate", "must be between 0 and 1"),
+        (_spec_ok(settings.optimizer, ("none", "hf:", "remote:", "llm:")), "optimizer",
+         "must be none, hf:PATH, remote:URL or llm:MODEL"),
+        (_spec_ok(settings.cache, ("memory", "none", "redis://", "rediss://", "unix://")), "cache",
+         "must be memory, none or redis://HOST:PORT/DB"),
+        (_spec_ok(settings.events, ("none", "jsonl:", "redis://", "rediss://")), "events",
+         "must be none, jsonl:PATH or redis://HOST:PORT/DB"),
+    ]
+    if settings.ab_treatment_percent is not None:
+        checks.append((0 <= settings.ab_treatment_percent <= 100, "ab_treatment_percent", "must be 0-100"))
+    for ok, name, problem in checks:
+        if not ok:
+            value = getattr(settings, name)
+            raise SettingsError(f"{flag_name(name)} / {env_name(name)} = {value!r}: {problem}")
+
+
+def _spec_ok(spec: str, prefixes: Sequence[str]) -> bool:
+    return any(spec == p or (p.endswith((":", "//")) and spec.startswith(p) and len(spec) > len(p))
+               for p in prefixes)

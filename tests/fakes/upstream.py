@@ -1,0 +1,215 @@
+"""A fake OpenAI-compatible provider: records every request, answers plain/SSE/errors/delays on cue.
+
+Run in-process (``FakeUpstream().start()``, a uvicorn server on a thread) or as a process:
+``python -m tests.fakes.upstream --port 9001`` (benchmarks do this to keep its CPU apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+TEMPLATE_HEAD = "Please help me improve this prompt to get a more helpful and harmless response:\n"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Reply:
+    """What the fake answers: JSON, an SSE stream of chunks, or raw bytes; optional delay and headers."""
+
+    status: int = 200
+    json: Any = None
+    sse: list[bytes] | None = None
+    raw: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+
+
+Responder = Callable[[Recorded], Reply]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages", [])):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return " ".join(p.get("text", "") for p in content or [] if p.get("type") == "text")
+    return ""
+
+
+def chat_reply(body: dict[str, Any], content: str | None = None) -> Reply:
+    """An OpenAI chat completion answering ``echo: <last user text>`` (or ``content``)."""
+    text = content if content is not None else "echo: " + last_user_text(body)
+    model = body.get("model", "fake-model")
+    n = int(body.get("n") or 1)
+    usage = {"prompt_tokens": 11, "completion_tokens": len(text.split()), "total_tokens": 11 + len(text.split())}
+    if body.get("stream"):
+        return Reply(sse=sse_chunks(model, text, n, include_usage=bool(
+            (body.get("stream_options") or {}).get("include_usage")), usage=usage))
+    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                "logprobs": None} for i in range(n)]
+    return Reply(json={"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000,
+                       "model": model, "choices": choices, "usage": usage})
+
+
+def sse_chunks(model: str, text: str, n: int = 1, include_usage: bool = False,
+               usage: dict[str, int] | None = None) -> list[bytes]:
+    def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
+        payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+                   "model": model, "choices": choices, **(extra or {})}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    out = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                  for i in range(n)])]
+    for word in text.split(" "):
+        out += [chunk([{"index": i, "delta": {"content": word + " "}, "finish_reason": None}]) for i in range(n)]
+    out.append(chunk([{"index": i, "delta": {}, "finish_reason": "stop"} for i in range(n)]))
+    if include_usage:
+        out.append(chunk([], {"usage": usage}))
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+def default_rewrite(prompt: str) -> str:
+    """What the fake optimizer writes: the prompt kept whole, with a helpful framing around it."""
+    return f"{prompt.strip()} Please answer in detail, step by step, and explain your reasoning."
+
+
+def completion_reply(body: dict[str, Any], rewrite: Callable[[str], str] = default_rewrite) -> Reply:
+    prompt = str(body.get("prompt", ""))
+    inner = prompt.split(TEMPLATE_HEAD, 1)[-1].rsplit(" [/INST]", 1)[0]
+    text = " " + rewrite(inner)
+    return Reply(json={"id": "cmpl-fake", "object": "text_completion", "created": 1700000000,
+                       "model": body.get("model", "bpo-fake"),
+                       "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                       "usage": {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}})
+
+
+class FakeUpstream:
+    """The fake provider. ``responders[path]`` overrides the default answer for a path."""
+
+    def __init__(self, port: int | None = None, models: tuple[str, ...] = ("fake-model", "bpo-fake")) -> None:
+        self.port = port or free_port()
+        self.models = models
+        self.requests: list[Recorded] = []
+        self.responders: dict[str, Responder] = {}
+        self.disconnects = 0
+        self._lock = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def requests_to(self, path: str) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+        self.responders.clear()
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "DELETE", "PUT"])])
+
+    async def _handle(self, request: Request) -> Response:
+        recorded = Recorded(request.method, request.url.path, dict(request.headers), await request.body())
+        with self._lock:
+            self.requests.append(recorded)
+        reply = self._reply_for(recorded)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.sse is not None:
+            return StreamingResponse(self._stream(reply), status_code=reply.status,
+                                     media_type="text/event-stream", headers=reply.headers)
+        if reply.raw is not None:
+            return Response(reply.raw, status_code=reply.status, headers=reply.headers)
+        return JSONResponse(reply.json, status_code=reply.status, headers=reply.headers)
+
+    async def _stream(self, reply: Reply) -> Any:
+        try:
+            for chunk in reply.sse or []:
+                yield chunk
+                if reply.chunk_delay:
+                    await asyncio.sleep(reply.chunk_delay)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.disconnects += 1
+            raise
+
+    def _reply_for(self, recorded: Recorded) -> Reply:
+        if recorded.path in self.responders:
+            return self.responders[recorded.path](recorded)
+        if recorded.path == "/v1/chat/completions":
+            return chat_reply(recorded.json)
+        if recorded.path == "/v1/completions":
+            return completion_reply(recorded.json)
+        if recorded.path == "/v1/models":
+            return Reply(json={"object": "list", "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]})
+        return Reply(json={"object": "echo", "path": recorded.path, "method": recorded.method})
+
+    def start(self) -> FakeUpstream:
+        config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the fake OpenAI-compatible upstream.")
+    parser.add_argument("--port", type=int, default=9001)
+    args = parser.parse_args()
+    upstream = FakeUpstream(port=args.port)
+    uvicorn.run(upstream.app(), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off",
+                access_log=False)
+
+
+if __name__ == "__main__":
+    main()
