@@ -1,0 +1,89 @@
+"""One rewrite from prompt to verdict: length limit, cache, optimizer deadline, fidelity guard, fail open."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from optimizer.base import Mode, Optimizer, OptimizerError, OptimizerUnavailable
+from optimizer.cache import CachedRewrite, RewriteCache, cache_key
+from optimizer.guard import check_rewrite
+
+log = logging.getLogger("bpo.optimizer")
+
+CacheResult = Literal["hit", "miss", "off"]
+# Values of X-BPO-Reason this module decides (the proxy adds disabled, control-arm, not-user-turn).
+TOO_LONG, TIMEOUT, OPTIMIZER_ERROR, OPTIMIZER_UNAVAILABLE = (
+    "too-long", "timeout", "optimizer-error", "optimizer-unavailable")
+GUARD_REJECTED, UNCHANGED = "guard-rejected", "unchanged"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to send upstream for one prompt, and why."""
+
+    text: str
+    applied: bool
+    reason: str | None
+    cache: CacheResult
+    optimizer: str
+
+
+class RewritePipeline:
+    """Turns a prompt into an :class:`Outcome`; never raises for optimizer or cache faults."""
+
+    def __init__(self, optimizer: Optimizer, cache: RewriteCache, *, timeout: float, max_chars: int,
+                 on_optimizer_seconds: Callable[[float], None] | None = None,
+                 on_fail_open: Callable[[str], None] | None = None) -> None:
+        self.optimizer = optimizer
+        self.cache = cache
+        self.timeout = timeout
+        self.max_chars = max_chars
+        self._on_seconds = on_optimizer_seconds or (lambda seconds: None)
+        self._on_fail_open = on_fail_open or (lambda component: None)
+
+    async def run(self, text: str, mode: Mode, tenant: str = "") -> Outcome:
+        optimizer = self.optimizer.identity
+        if len(text) > self.max_chars:
+            return Outcome(text, False, TOO_LONG, "off", optimizer)
+        cache_state: CacheResult = "miss" if self.cache.enabled else "off"
+        key = cache_key(optimizer, mode, text, tenant)
+        try:
+            value, hit = await asyncio.wait_for(
+                self.cache.get_or_compute(key, lambda: self._compute(text, mode)), self.timeout)
+        except asyncio.TimeoutError:
+            return self._fail_open(text, TIMEOUT, cache_state, optimizer, "optimizer")
+        except OptimizerUnavailable:
+            return Outcome(text, False, OPTIMIZER_UNAVAILABLE, cache_state, optimizer)
+        except OptimizerError as exc:
+            log.warning("optimizer failed: %s", exc)
+            return self._fail_open(text, OPTIMIZER_ERROR, cache_state, optimizer, "optimizer")
+        except Exception:  # fail open: a fault in the optimizer or cache never fails the request
+            log.exception("rewrite failed; forwarding the original prompt")
+            return self._fail_open(text, OPTIMIZER_ERROR, cache_state, optimizer, "optimizer")
+        if self.cache.enabled:
+            cache_state = "hit" if hit else "miss"
+        if value.verdict == "applied":
+            return Outcome(value.text, True, None, cache_state, value.optimizer)
+        return Outcome(text, False, value.verdict, cache_state, value.optimizer)
+
+    def _fail_open(self, text: str, reason: str, cache: CacheResult, optimizer: str, component: str) -> Outcome:
+        self._on_fail_open(component)
+        return Outcome(text, False, reason, cache, optimizer)
+
+    async def _compute(self, text: str, mode: Mode) -> CachedRewrite:
+        started = time.perf_counter()
+        rewrite = await self.optimizer.optimize(text, mode)
+        self._on_seconds(time.perf_counter() - started)
+        candidate = rewrite.text.strip()
+        if not candidate or candidate == text.strip():
+            return CachedRewrite("", UNCHANGED, rewrite.optimizer, time.time())
+        verdict = check_rewrite(text, candidate)
+        if not verdict.accepted:
+            log.info("guard rejected a rewrite: rule=%s", verdict.rule)
+            return CachedRewrite("", GUARD_REJECTED, rewrite.optimizer, time.time(), verdict.rule)
+        return CachedRewrite(candidate, "applied", rewrite.optimizer, time.time())

@@ -1,0 +1,117 @@
+"""``create_app(settings)``: the Starlette application, its services built in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from optimizer.base import Optimizer, OptimizerOptions
+from optimizer.cache import build_cache
+from optimizer.pipeline import RewritePipeline
+from optimizer.registry import build_optimizer
+from proxy.ab import ArmAssigner
+from proxy.chat import ChatService
+from proxy.errors import ProxyError, error_response
+from proxy.events import build_sink
+from proxy.feedback import RecentRequests
+from proxy.forward import HttpForwarder
+from proxy.litellm_forward import LiteLLMForwarder
+from proxy.metrics import Metrics
+from proxy.routes import routes
+from proxy.settings import Settings
+
+log = logging.getLogger("bpo.app")
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start as configured (e.g. --require-optimizer and the optimizer did not load)."""
+
+
+def optimizer_options(settings: Settings, metrics: Metrics) -> OptimizerOptions:
+    return OptimizerOptions(
+        max_new_tokens=settings.optimizer_max_new_tokens,
+        max_batch_size=settings.optimizer_max_batch_size,
+        max_wait_ms=settings.optimizer_max_wait_ms,
+        seed=settings.optimizer_seed,
+        device=settings.optimizer_device,
+        remote_model=settings.optimizer_model,
+        request_timeout=settings.optimizer_timeout,
+        api_key=settings.optimizer_api_key,
+        on_batch=metrics.optimizer_batch_size.observe,
+    )
+
+
+async def wait_until_loaded(optimizer: Optimizer, poll: float = 0.1) -> None:
+    while optimizer.status().state == "loading":
+        await asyncio.sleep(poll)
+
+
+def create_app(settings: Settings) -> Starlette:
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = app.state
+        state.settings, state.metrics = settings, metrics
+        state.optimizer = build_optimizer(settings.optimizer, optimizer_options(settings, metrics))
+        state.cache = build_cache(settings, lambda result: metrics.cache_events.labels(result=result).inc())
+        state.events = build_sink(settings, metrics)
+        state.http = HttpForwarder(settings.upstream_timeout)
+        state.recent_requests = RecentRequests()
+        backend = settings.optimizer.partition(":")[0]
+        pipeline = RewritePipeline(
+            state.optimizer, state.cache, timeout=settings.optimizer_timeout,
+            max_chars=settings.max_prompt_chars,
+            on_optimizer_seconds=metrics.optimizer_seconds.labels(backend=backend).observe,
+            on_fail_open=lambda component: metrics.fail_open.labels(component=component).inc())
+        state.chat = ChatService(settings, pipeline, state.http, LiteLLMForwarder(), ArmAssigner(settings),
+                                 metrics, state.events, state.recent_requests)
+        await state.http.start()
+        await state.cache.start()
+        await state.events.start()
+        await state.optimizer.start()
+        if settings.require_optimizer:
+            await _require(state.optimizer)
+        _warn_if_failed(state.optimizer)
+        try:
+            yield
+        finally:
+            await state.optimizer.close()
+            await state.events.close()
+            await state.cache.close()
+            await state.http.close()
+
+    app = Starlette(routes=routes(), lifespan=lifespan,
+                    exception_handlers={ProxyError: _proxy_error, Exception: _unexpected})
+    return app
+
+
+async def _require(optimizer: Optimizer) -> None:
+    await wait_until_loaded(optimizer)
+    status = optimizer.status()
+    if status.state != "ready":
+        raise StartupError(f"--require-optimizer: optimizer {status.optimizer} is {status.state}: {status.detail}")
+
+
+def _warn_if_failed(optimizer: Optimizer) -> None:
+    status = optimizer.status()
+    if status.state == "failed":
+        log.warning("optimizer %s failed to load; serving as a transparent passthrough: %s",
+                    status.optimizer, status.detail)
+
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return exc.response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return error_response(500, "The gateway failed on this request; see its logs.", "server_error",
+                          code="internal_error")

@@ -1,0 +1,206 @@
+"""Serving one chat completion: decide, rewrite, forward, and account for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from optimizer.cache import tenant_of
+from optimizer.pipeline import Outcome, RewritePipeline
+from proxy.ab import ArmAssigner, ArmDecision
+from proxy.errors import ProxyError
+from proxy.events import EventSink
+from proxy.feedback import RecentRequests
+from proxy.forward import Exchange, HttpForwarder, Target, resolve_target, upstream_headers
+from proxy.litellm_forward import LiteLLMForwarder
+from proxy.metrics import Metrics
+from proxy.protocol import ChatRequest, parse_chat_request, read_body
+from proxy.rewrite import UserTurn, find_last_user_text, replace_user_text
+from proxy.settings import Settings
+
+log = logging.getLogger("bpo.chat")
+
+NOT_USER_TURN = "not-user-turn"
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class Rewritten:
+    """The body to send and how the rewrite went, for headers, metrics and events."""
+
+    body: dict[str, Any] | None  # None: send the client's bytes as they came
+    applied: bool
+    reason: str | None
+    cache: str
+    optimizer: str
+    optimized_text: str | None
+
+
+def combine(outcomes: Sequence[Outcome]) -> tuple[bool, str | None, str]:
+    """Applied if any text was; the first reason otherwise; hit only if every text hit."""
+    applied = any(o.applied for o in outcomes)
+    reason = None if applied else next((o.reason for o in outcomes if o.reason), None)
+    caches = {o.cache for o in outcomes}
+    cache = "miss" if "miss" in caches else ("hit" if caches == {"hit"} else "off")
+    return applied, reason, cache
+
+
+def request_id_for(request: Request) -> str:
+    offered = request.headers.get("x-request-id", "")
+    return offered if _CLIENT_REQUEST_ID.match(offered) else "req_" + uuid.uuid4().hex
+
+
+def api_key_of(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("api-key", "").strip()
+    return key or None
+
+
+class ChatService:
+    """``POST /v1/chat/completions``: the gateway's one rewriting route."""
+
+    def __init__(self, settings: Settings, pipeline: RewritePipeline, http: HttpForwarder,
+                 providers: LiteLLMForwarder, assigner: ArmAssigner, metrics: Metrics, events: EventSink,
+                 recent: RecentRequests) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.http = http
+        self.providers = providers
+        self.assigner = assigner
+        self.metrics = metrics
+        self.events = events
+        self.recent = recent
+
+    async def handle(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        request_id = request_id_for(request)
+        try:
+            return await self._serve(request, request_id, arrived)
+        except ProxyError as exc:
+            response = exc.response()
+            response.headers["x-request-id"] = request_id
+            return response
+
+    async def _serve(self, request: Request, request_id: str, arrived: float) -> Response:
+        raw = await read_body(request, self.settings.max_body_bytes)
+        chat = parse_chat_request(raw, request.headers.get("content-type"))
+        headers = request.headers
+        api_key = api_key_of(headers)
+        decision = self.assigner.decide(chat.body, headers, api_key)
+        target = resolve_target(self.settings, chat.model)
+        rewritten = await self._rewrite(chat, decision, api_key)
+        debug = headers.get("x-bpo-debug", "").strip().lower() in ("1", "true", "yes", "on")
+        exchange = Exchange()
+        sent = time.perf_counter()
+
+        def finish(done: Exchange) -> None:
+            self._account(request_id, chat, decision, rewritten, done, arrived, sent)
+
+        # Overhead so far; the relay adds nothing but byte copies after the upstream's headers arrive.
+        extra = self._bpo_headers(request_id, decision, rewritten, debug, (sent - arrived) * 1000)
+        body = chat.body if rewritten.body is None else rewritten.body
+        if target.kind == "litellm":
+            return await self.providers.forward(target, {**body, "model": target.model}, exchange, extra, finish)
+        payload = self._payload(chat, rewritten, target)
+        url, params = self._url(target)
+        out_headers = upstream_headers(headers, target.api_key, azure=target.kind == "azure")
+        out_headers["content-type"] = "application/json"
+        return await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params)
+
+    async def _rewrite(self, chat: ChatRequest, decision: ArmDecision, api_key: str | None) -> Rewritten:
+        optimizer = self.pipeline.optimizer.identity
+        if not decision.optimize:
+            return Rewritten(None, False, decision.reason, "off", optimizer, None)
+        turn = find_last_user_text(chat.body["messages"])
+        if turn is None:
+            return Rewritten(None, False, NOT_USER_TURN, "off", optimizer, None)
+        tenant = tenant_of(api_key) if self.settings.cache_per_tenant and api_key else ""
+        outcomes = await asyncio.gather(*(self.pipeline.run(t, decision.mode, tenant) for t in turn.texts))
+        applied, reason, cache = combine(outcomes)
+        texts = [o.text for o in outcomes]
+        body = replace_user_text(chat.body, turn, texts) if applied else None
+        return Rewritten(body, applied, reason, cache, outcomes[0].optimizer,
+                         "\n".join(texts) if applied else None)
+
+    @staticmethod
+    def _payload(chat: ChatRequest, rewritten: Rewritten, target: Target) -> bytes:
+        if rewritten.body is None and target.model == chat.model:
+            return chat.raw  # untouched: the client's exact bytes
+        body = chat.body if rewritten.body is None else rewritten.body
+        if target.kind == "azure":
+            body = {k: v for k, v in body.items() if k != "model"}
+        else:
+            body = {**body, "model": target.model}
+        return json.dumps(body, ensure_ascii=False).encode()
+
+    @staticmethod
+    def _url(target: Target) -> tuple[str, dict[str, str] | None]:
+        if target.kind == "azure":
+            version = str(target.params.get("api_version", "2024-10-21"))
+            return (f"{target.base_url}/openai/deployments/{target.model}/chat/completions",
+                    {"api-version": version})
+        return f"{target.base_url}/chat/completions", None
+
+    def _bpo_headers(self, request_id: str, decision: ArmDecision, rewritten: Rewritten, debug: bool,
+                     overhead_ms: float) -> dict[str, str]:
+        out = {
+            "x-request-id": request_id,
+            "x-bpo-applied": "true" if rewritten.applied else "false",
+            "x-bpo-cache": rewritten.cache,
+            "x-bpo-optimizer": rewritten.optimizer,
+            "x-bpo-overhead-ms": f"{overhead_ms:.2f}",
+        }
+        if not rewritten.applied and rewritten.reason:
+            out["x-bpo-reason"] = rewritten.reason
+        if decision.arm is not None:
+            out["x-bpo-arm"] = decision.arm
+        if debug and rewritten.optimized_text is not None:
+            out["x-bpo-optimized-prompt"] = quote(rewritten.optimized_text, safe="")
+        return out
+
+    def _account(self, request_id: str, chat: ChatRequest, decision: ArmDecision, rewritten: Rewritten,
+                 exchange: Exchange, arrived: float, sent: float) -> None:
+        """Metrics and one event per request; runs when the response (or stream) is complete."""
+        arm = decision.stats_arm
+        total = time.perf_counter() - arrived
+        m = self.metrics
+        m.requests.labels(arm=arm, applied=str(rewritten.applied).lower(), reason=rewritten.reason or "").inc()
+        m.request_seconds.labels(arm=arm).observe(total)
+        m.upstream_seconds.labels(arm=arm).observe(exchange.upstream_seconds)
+        usage = exchange.usage or {}
+        for kind in ("prompt", "completion"):
+            tokens = usage.get(f"{kind}_tokens")
+            if isinstance(tokens, int) and tokens > 0:
+                m.upstream_tokens.labels(arm=arm, kind=kind).inc(tokens)
+        self.recent.remember(request_id, arm)
+        self.events.emit(self._event(request_id, chat, decision, rewritten, exchange, total, sent - arrived))
+
+    def _event(self, request_id: str, chat: ChatRequest, decision: ArmDecision, rewritten: Rewritten,
+               exchange: Exchange, total: float, overhead: float) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "type": "request", "request_id": request_id, "time": time.time(),
+            "experiment": self.settings.ab_experiment, "arm": decision.arm, "override": decision.override,
+            "applied": rewritten.applied, "reason": rewritten.reason, "optimizer": rewritten.optimizer,
+            "cache": rewritten.cache, "mode": decision.mode, "model": chat.model, "stream": chat.stream,
+            "status": exchange.status, "latency_ms": round(total * 1000, 3),
+            "upstream_ms": round(exchange.upstream_seconds * 1000, 3), "overhead_ms": round(overhead * 1000, 3),
+            "usage": exchange.usage,
+        }
+        if exchange.error:
+            event["error"] = exchange.error
+        if self.settings.events_include_text:
+            turn: UserTurn | None = find_last_user_text(chat.body["messages"])
+            event["prompt"] = "\n".join(turn.texts) if turn else None
+            event["optimized_prompt"] = rewritten.optimized_text
+        return event

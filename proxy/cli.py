@@ -1,0 +1,59 @@
+"""The ``bpo`` command line: ``serve`` here; the other subcommands are registered by their packages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from proxy.settings import SettingsError, add_arguments, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bpo", description="bpo-proxy: an OpenAI-compatible gateway that optimizes prompts (BPO).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser("serve", help="run the proxy",
+                                description="Run the proxy. Every flag also reads BPO_<FLAG> from the "
+                                            "environment; a flag beats the variable, which beats --config.")
+    add_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+    _register_optional(commands)
+    return parser
+
+
+def _register_optional(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    import importlib
+
+    for module in ("optimizer.cli", "training.cli", "proxy.report"):
+        try:
+            importlib.import_module(module).register(commands)
+        except ImportError:  # TEMPORARY while the packages land
+            pass
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+
+    try:
+        settings = load_settings(vars(args))
+    except SettingsError as exc:
+        print(f"bpo serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=False, timeout_graceful_shutdown=30, server_header=False)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Sending requests upstream: the byte-exact fast path for OpenAI-wire providers, litellm for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from proxy.errors import NotFound, UpstreamTimeout, UpstreamUnreachable
+from proxy.settings import Settings
+
+log = logging.getLogger("bpo.forward")
+
+# Providers whose API is OpenAI's wire format: their requests take the fast path.
+OPENAI_WIRE_PROVIDERS = {"openai", "hosted_vllm", "openai_like", "custom_openai", "vllm", "azure"}
+DEFAULT_OPENAI_BASE = "https://api.openai.com/v1"
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "content-encoding",
+})
+USAGE_TAIL_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one model's requests go."""
+
+    kind: Literal["openai", "azure", "litellm"]
+    model: str
+    base_url: str | None = None
+    api_key: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Exchange:
+    """What one forwarded request observed; filled as the response goes by."""
+
+    status: int = 0
+    upstream_seconds: float = 0.0
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def resolve_target(settings: Settings, model: str) -> Target:
+    route = settings.route_for(model)
+    if route is None:
+        if settings.upstream_base_url:
+            return Target("openai", model, settings.upstream_base_url.rstrip("/"), settings.upstream_api_key)
+        raise NotFound(f"The model '{model}' does not exist on this gateway.", param="model",
+                       code="model_not_found")
+    params = dict(route.litellm_params)
+    provider, _, provider_model = str(params.pop("model")).partition("/")
+    if not provider_model:
+        provider, provider_model = "openai", provider
+    provider = str(params.pop("custom_llm_provider", provider))
+    api_key = params.pop("api_key", None) or settings.upstream_api_key
+    if provider == "azure":
+        return Target("azure", provider_model, str(params.pop("api_base")).rstrip("/"), api_key, params)
+    if provider in OPENAI_WIRE_PROVIDERS:
+        base = str(params.pop("api_base", None) or params.pop("base_url", None) or DEFAULT_OPENAI_BASE)
+        return Target("openai", provider_model, base.rstrip("/"), api_key, params)
+    return Target("litellm", f"{provider}/{provider_model}", None, api_key, route.litellm_params)
+
+
+def upstream_headers(headers: Mapping[str, str], api_key: str | None, azure: bool = False) -> dict[str, str]:
+    """The client's headers minus hop-by-hop and the gateway's own X-BPO*; the key replaced if configured."""
+    out = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-bpo")}
+    out["accept-encoding"] = "identity"  # bytes pass through as sent; no re-compression on our side
+    if api_key:
+        out = {k: v for k, v in out.items() if k.lower() not in ("authorization", "api-key")}
+        out["api-key" if azure else "authorization"] = api_key if azure else f"Bearer {api_key}"
+    return out
+
+
+def downstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    out = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    if "x-request-id" in {k.lower() for k in out}:  # ours wins; keep the provider's for support tickets
+        out = {("x-upstream-request-id" if k.lower() == "x-request-id" else k): v for k, v in out.items()}
+    return out
+
+
+def extract_usage(payload: bytes) -> dict[str, Any] | None:
+    """``usage`` of a JSON body, or of the last SSE event that carries one (streams with include_usage)."""
+    if payload.lstrip().startswith(b"{"):
+        return _usage_of(payload)
+    for line in reversed(payload.split(b"\n")):
+        if line.startswith(b"data:") and b'"usage"' in line:
+            return _usage_of(line[5:])
+    return None
+
+
+def _usage_of(data: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(data).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+class HttpForwarder:
+    """One pooled aiohttp session; responses and SSE streams go back byte for byte."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                              auto_decompress=False, skip_auto_headers=("User-Agent",))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
+                      exchange: Exchange, extra_headers: Mapping[str, str],
+                      on_done: Callable[[Exchange], None] | None = None,
+                      params: Mapping[str, str] | None = None) -> Response:
+        """Send, then relay: a full body, or an SSE stream whose chunks are never re-cut."""
+        assert self._session is not None, "HttpForwarder.start() was not awaited"
+        started = time.perf_counter()
+        try:
+            upstream = await self._session.request(method, url, headers=headers, data=body, params=params)
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout(f"The upstream did not answer in time: {url}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(f"The upstream could not be reached: {exc}") from exc
+        exchange.status = upstream.status
+        response_headers = {**downstream_headers(upstream.headers), **extra_headers}
+        if upstream.content_type == "text/event-stream":
+            exchange.upstream_seconds = time.perf_counter() - started
+            return StreamingResponse(self._relay(upstream, exchange, on_done), status_code=upstream.status,
+                                     headers=response_headers)
+        try:
+            payload = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamUnreachable(f"The upstream broke off its response: {exc}") from exc
+        finally:
+            upstream.release()
+        exchange.upstream_seconds = time.perf_counter() - started
+        exchange.usage = extract_usage(payload) if upstream.status < 400 else None
+        if on_done is not None:
+            on_done(exchange)
+        return Response(payload, status_code=upstream.status, headers=response_headers)
+
+    async def _relay(self, upstream: aiohttp.ClientResponse, exchange: Exchange,
+                     on_done: Callable[[Exchange], None] | None) -> AsyncIterator[bytes]:
+        tail = b""
+        finished = False
+        try:
+            async for chunk in upstream.content.iter_any():
+                tail = (tail + chunk)[-USAGE_TAIL_BYTES:]
+                yield chunk
+            finished = True
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            exchange.error = f"upstream stream broke: {exc}"
+            log.warning("upstream stream broke off: %s", exc)
+        finally:
+            # A client that went away must cancel the upstream generation: close the connection.
+            upstream.release() if finished else upstream.close()
+            exchange.usage = extract_usage(tail)
+            if on_done is not None:
+                on_done(exchange)

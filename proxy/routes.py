@@ -1,0 +1,102 @@
+"""Thin HTTP handlers; the logic lives in the services on ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from proxy.errors import NotFound, ProxyError
+from proxy.feedback import feedback_endpoint
+from proxy.forward import Exchange, upstream_headers
+from proxy.protocol import read_body
+
+
+async def chat_completions(request: Request) -> Response:
+    response: Response = await request.app.state.chat.handle(request)
+    return response
+
+
+async def list_models(request: Request) -> Response:
+    """The configured routes, then (with an upstream base URL) the upstream's own models."""
+    state = request.app.state
+    settings = state.settings
+    data: list[dict[str, Any]] = [{"id": route.model_name, "object": "model", "created": 0,
+                                   "owned_by": "bpo-proxy"} for route in settings.model_list]
+    if settings.upstream_base_url:
+        try:
+            upstream = await _forward(request, "/models")
+        except ProxyError as exc:
+            return exc.response() if not data else JSONResponse({"object": "list", "data": data})
+        if upstream.status_code != 200 or data:
+            return upstream if upstream.status_code != 200 else _merge_models(data, bytes(upstream.body))
+        return upstream
+    return JSONResponse({"object": "list", "data": data})
+
+
+def _merge_models(configured: list[dict[str, Any]], upstream_body: bytes) -> Response:
+    try:
+        upstream = orjson.loads(upstream_body).get("data", [])
+    except (orjson.JSONDecodeError, AttributeError):
+        upstream = []
+    names = {m["id"] for m in configured}
+    merged = configured + [m for m in upstream if isinstance(m, dict) and m.get("id") not in names]
+    return JSONResponse({"object": "list", "data": merged})
+
+
+async def passthrough(request: Request) -> Response:
+    """Any other ``/v1/*`` goes to the upstream unchanged (embeddings, files, responses, ...)."""
+    try:
+        return await _forward(request, "/" + request.path_params["path"])
+    except ProxyError as exc:
+        return exc.response()
+
+
+async def _forward(request: Request, path: str) -> Response:
+    settings = request.app.state.settings
+    if not settings.upstream_base_url:
+        raise NotFound(f"No upstream is configured for /v1{path}; set --upstream-base-url.",
+                       code="no_upstream")
+    body = await read_body(request, settings.max_body_bytes)
+    headers = upstream_headers(request.headers, settings.upstream_api_key)
+    url = settings.upstream_base_url.rstrip("/") + path
+    response: Response = await request.app.state.http.forward(
+        request.method, url, headers, body, Exchange(), {}, None, dict(request.query_params) or None)
+    return response
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """503 while the optimizer loads; 200 once traffic is served (degraded: passing prompts through)."""
+    state = request.app.state
+    optimizer = state.optimizer.status()
+    cache = state.cache.status()
+    degraded = optimizer.state == "failed" or cache.get("state") not in (None, "ok", "off")
+    status = "loading" if optimizer.state == "loading" else ("degraded" if degraded else "ready")
+    body = {"status": status,
+            "optimizer": {"state": optimizer.state, "name": optimizer.optimizer, "detail": optimizer.detail},
+            "cache": cache}
+    return JSONResponse(body, status_code=503 if status == "loading" else 200)
+
+
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics
+    return Response(registry.exposition(), media_type=registry.content_type)
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/bpo/feedback", feedback_endpoint, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/{path:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
