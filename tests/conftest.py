@@ -12,6 +12,9 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from tests.fakes.upstream import FakeUpstream  # noqa: E402
 
+# The tiny random-weight Llama (tests/fakes/tiny_model.py), shared by optimizer and training tests.
+pytest_plugins = ["tests.fakes.fixtures"]
+
 
 @pytest.fixture(scope="session")
 def upstream_server() -> Iterator[FakeUpstream]:
