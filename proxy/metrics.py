@@ -22,6 +22,7 @@ METRIC_NAMES = (
     "bpo_upstream_tokens_total",
     "bpo_fail_open_total",
     "bpo_shadow_verdicts_total",
+    "bpo_shadow_skipped_total",
 )
 
 
@@ -51,6 +52,9 @@ class Metrics:
                                  ["component"], registry=r)
         self.shadow_verdicts = Counter("bpo_shadow_verdicts_total", "Shadow judge verdicts for treatment",
                                        ["verdict"], registry=r)
+        self.shadow_skipped = Counter("bpo_shadow_skipped_total",
+                                      "Sampled treatment requests not judged (budget, busy, incomplete, ...)",
+                                      ["reason"], registry=r)
 
     def exposition(self) -> bytes:
         """The text exposition; merges worker processes when PROMETHEUS_MULTIPROC_DIR is set."""

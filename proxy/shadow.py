@@ -1,0 +1,341 @@
+"""Shadow judging: for sampled treatment requests, fetch the control answer and ask a judge which is better.
+
+Everything here runs after the user's response is complete, in background tasks with bounded
+concurrency and a per-minute budget. The judge sees both orders (treatment first, then control
+first); a verdict that changes with the order is a tie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from optimizer.litellm_loader import load_litellm
+from proxy.events import EventSink
+from proxy.forward import Exchange, HttpForwarder, resolve_target, upstream_headers
+from proxy.litellm_forward import LiteLLMForwarder
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+
+log = logging.getLogger("bpo.shadow")
+
+Verdict = Literal["win", "tie", "loss"]
+# The fields of a request that make sense when asking again for one plain answer.
+_DROPPED_FOR_CONTROL = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
+_VERDICT_TAG = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# A streamed answer longer than this is not kept for judging: memory per request stays bounded.
+MAX_KEPT_ANSWER_BYTES = 1024 * 1024
+
+JUDGE_PROMPT = """\
+You are an impartial judge. Compare the two AI assistant answers to the user's question below.
+Judge helpfulness, correctness, depth and harmlessness. Do not let the order of the answers or their
+length sway you.
+
+[Question]
+{question}
+
+[Answer A]
+{answer_a}
+
+[Answer B]
+{answer_b}
+
+Explain your reasoning in a few sentences, then give the verdict on the last line as exactly one of:
+[[A]] if answer A is better, [[B]] if answer B is better, [[C]] for a tie."""
+
+
+class ShadowError(Exception):
+    """The control answer or a judgement could not be obtained."""
+
+
+class ControlClient(Protocol):
+    """Gets the answer the control arm would have given: the original request, sent upstream again."""
+
+    async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str: ...
+
+
+JudgeCall = Callable[[str], Awaitable[str]]
+
+
+class ForwardingControlClient:
+    """Asks the configured upstream again, through the gateway's own forwarders, with the client's auth."""
+
+    def __init__(self, settings: Settings, http: HttpForwarder, providers: LiteLLMForwarder) -> None:
+        self.settings = settings
+        self.http = http
+        self.providers = providers
+
+    async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str:
+        target = resolve_target(self.settings, str(body["model"]))
+        exchange = Exchange()
+        if target.kind == "litellm":
+            response = await self.providers.forward(target, {**body, "model": target.model}, exchange, {})
+        else:
+            azure = target.kind == "azure"
+            payload = {k: v for k, v in body.items() if k != "model"} if azure else {**body, "model": target.model}
+            url, params = _chat_url(target.base_url or "", target.model, azure, target.params)
+            out_headers = {**upstream_headers(headers, target.api_key, azure=azure),
+                           "content-type": "application/json"}
+            response = await self.http.forward("POST", url, out_headers, orjson.dumps(payload), exchange, {},
+                                               None, params)
+        if response.status_code != 200:
+            raise ShadowError(f"the upstream answered the control request with {response.status_code}")
+        text = answer_text(bytes(response.body))
+        if text is None:
+            raise ShadowError("the control response held no answer text")
+        return text
+
+
+def _chat_url(base_url: str, model: str, azure: bool,
+              params: Mapping[str, Any]) -> tuple[str, dict[str, str] | None]:
+    if azure:
+        version = str(params.get("api_version", "2024-10-21"))
+        return f"{base_url}/openai/deployments/{model}/chat/completions", {"api-version": version}
+    return f"{base_url}/chat/completions", None
+
+
+@dataclass(frozen=True)
+class ShadowJob:
+    """One treatment request to judge. ``body`` is the request as the client sent it (original prompt)."""
+
+    request_id: str
+    body: dict[str, Any]
+    question: str
+    treatment_answer: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    experiment: str | None = None
+
+
+def control_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The client's request, asked once more for one non-streamed answer."""
+    return {k: v for k, v in body.items() if k not in _DROPPED_FOR_CONTROL}
+
+
+def answer_text(payload: bytes) -> str | None:
+    """The first choice's text from a chat completion JSON body or from its SSE stream."""
+    stripped = payload.lstrip()
+    if stripped.startswith(b"{"):
+        try:
+            choices = orjson.loads(stripped).get("choices") or []
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        first = next((c for c in choices if c.get("index", 0) == 0), None)
+        content = ((first or {}).get("message") or {}).get("content")
+        return content if isinstance(content, str) else None
+    return _sse_text(payload)
+
+
+def _sse_text(payload: bytes) -> str | None:
+    parts: list[str] = []
+    seen = False
+    for line in payload.split(b"\n"):
+        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            continue
+        try:
+            chunk = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            continue
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) == 0:
+                seen = True
+                parts.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(parts) if seen else None
+
+
+def parse_judgement(text: str) -> Literal["A", "B", "C"] | None:
+    """The last ``[[A]]``/``[[B]]``/``[[C]]`` tag: judges reason first and conclude last."""
+    tags = _VERDICT_TAG.findall(text)
+    return tags[-1] if tags else None  # type: ignore[no-any-return]
+
+
+def combine(treatment_first: Literal["A", "B", "C"], control_first: Literal["A", "B", "C"]) -> Verdict:
+    """Treatment's verdict over both orders; any disagreement between the orders counts as a tie."""
+    first: Verdict = {"A": "win", "B": "loss", "C": "tie"}[treatment_first]  # type: ignore[assignment]
+    second: Verdict = {"A": "loss", "B": "win", "C": "tie"}[control_first]  # type: ignore[assignment]
+    return first if first == second else "tie"
+
+
+class MinuteBudget:
+    """At most ``limit`` starts in any sliding 60 seconds."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._starts: deque[float] = deque()
+
+    def take(self) -> bool:
+        now = self._clock()
+        while self._starts and now - self._starts[0] >= 60.0:
+            self._starts.popleft()
+        if len(self._starts) >= self.limit:
+            return False
+        self._starts.append(now)
+        return True
+
+
+def litellm_judge(settings: Settings) -> JudgeCall:
+    """A judge call through litellm; a judge base URL means litellm's ``openai/`` provider at that URL."""
+    model = settings.shadow_judge_model or ""
+    options: dict[str, Any] = {}
+    if settings.shadow_judge_base_url:
+        model = model if model.startswith("openai/") else f"openai/{model}"
+        options["api_base"] = settings.shadow_judge_base_url
+        # OpenAI-compatible judges on a private URL rarely check keys; the client still insists on one.
+        options["api_key"] = settings.upstream_api_key or "EMPTY"
+
+    async def judge(prompt: str) -> str:
+        litellm = load_litellm()
+        response = await litellm.acompletion(model=model, messages=[{"role": "user", "content": prompt}],
+                                             temperature=0.0, max_tokens=512, **options)
+        return str(response.choices[0].message.content or "")
+
+    return judge
+
+
+class ShadowJudge:
+    """Samples treatment requests and judges them in the background; ``sample``/``submit`` never wait."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, sink: EventSink, control: ControlClient,
+                 judge: JudgeCall | None = None, *, max_concurrency: int = 4, max_pending: int = 64,
+                 rng: random.Random | None = None) -> None:
+        self.enabled = bool(settings.shadow_judge_model) and settings.shadow_rate > 0
+        self.rate = settings.shadow_rate
+        self.judge_model = settings.shadow_judge_model
+        self.include_text = settings.events_include_text
+        self.experiment = settings.ab_experiment
+        self.metrics = metrics
+        self.sink = sink
+        self.control = control
+        self.judge = judge or litellm_judge(settings)
+        self.budget = MinuteBudget(settings.shadow_max_per_minute)
+        self.max_pending = max_pending
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._rng = rng or random.Random()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        if self.enabled:
+            # litellm's import takes seconds of CPU; a thread keeps it off the event loop.
+            await asyncio.to_thread(load_litellm)
+
+    def sample(self) -> bool:
+        """Pick this treatment request for judging? Decide before the response so a stream can be kept."""
+        if not self.enabled or self._rng.random() >= self.rate:
+            return False
+        if len(self._tasks) >= self.max_pending:
+            self.metrics.shadow_skipped.labels(reason="busy").inc()
+            return False
+        if not self.budget.take():
+            self.metrics.shadow_skipped.labels(reason="budget").inc()
+            return False
+        return True
+
+    def attach(self, response: Response, job: ShadowJob) -> Response:
+        """For a rewritten treatment request: sample it and, when picked, judge its answer once complete.
+
+        A plain response is judged from its body; a stream is read as it passes to the client (bytes
+        untouched) and judged only if it ran to the end. ``job.treatment_answer`` is filled here.
+        """
+        if response.status_code != 200 or not self.sample():
+            return response
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._keep_stream(response.body_iterator, job)
+            return response
+        self._submit_payload(bytes(response.body), job)
+        return response
+
+    async def _keep_stream(self, chunks: Any, job: ShadowJob) -> Any:
+        kept: list[bytes] = []
+        size = 0
+        complete = False
+        try:
+            async for chunk in chunks:
+                if size <= MAX_KEPT_ANSWER_BYTES:
+                    piece = chunk if isinstance(chunk, bytes) else str(chunk).encode()
+                    kept.append(piece)
+                    size += len(piece)
+                yield chunk
+            complete = True
+        finally:
+            if complete and size <= MAX_KEPT_ANSWER_BYTES:
+                self._submit_payload(b"".join(kept), job)
+            elif not complete:
+                self.metrics.shadow_skipped.labels(reason="incomplete").inc()
+            else:
+                self.metrics.shadow_skipped.labels(reason="too-long").inc()
+
+    def _submit_payload(self, payload: bytes, job: ShadowJob) -> None:
+        answer = answer_text(payload)
+        if answer is None:
+            self.metrics.shadow_skipped.labels(reason="no-answer").inc()
+            return
+        self.submit(dataclasses.replace(job, treatment_answer=answer))
+
+    def submit(self, job: ShadowJob) -> None:
+        """Judge ``job`` in the background (call only for requests ``sample`` picked)."""
+        task = asyncio.get_running_loop().create_task(self._judge(job), name=f"shadow-{job.request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the judgements in flight (tests and graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self, grace: float = 5.0) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.drain()), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _judge(self, job: ShadowJob) -> None:
+        event: dict[str, Any] = {"type": "shadow", "request_id": job.request_id,
+                                 "experiment": job.experiment or self.experiment,
+                                 "model": job.body.get("model"), "judge_model": self.judge_model}
+        try:
+            async with self._semaphore:
+                event.update(await self._verdict(job))
+        except Exception as exc:  # the documented fail-open: a failed judgement is recorded, never raised
+            log.warning("shadow judgement of %s failed: %s", job.request_id, exc)
+            event.update(verdict="error", error=f"{type(exc).__name__}: {exc}"[:300])
+        event["time"] = time.time()
+        self.metrics.shadow_verdicts.labels(verdict=event["verdict"]).inc()
+        self.sink.emit(event)
+
+    async def _verdict(self, job: ShadowJob) -> dict[str, Any]:
+        started = time.perf_counter()
+        control = await self.control.answer(control_body(job.body), job.headers)
+        control_ms = (time.perf_counter() - started) * 1000
+        treatment_first, control_first = await asyncio.gather(
+            self._ask(job.question, job.treatment_answer, control),
+            self._ask(job.question, control, job.treatment_answer))
+        result: dict[str, Any] = {
+            "verdict": combine(treatment_first, control_first),
+            "orders": {"treatment_first": treatment_first, "control_first": control_first},
+            "control_ms": round(control_ms, 3),
+            "judge_ms": round((time.perf_counter() - started) * 1000 - control_ms, 3),
+        }
+        if self.include_text:
+            result.update(question=job.question, treatment_answer=job.treatment_answer,
+                          control_answer=control)
+        return result
+
+    async def _ask(self, question: str, answer_a: str, answer_b: str) -> Literal["A", "B", "C"]:
+        reply = await self.judge(JUDGE_PROMPT.format(question=question, answer_a=answer_a, answer_b=answer_b))
+        tag = parse_judgement(reply)
+        if tag is None:
+            raise ShadowError(f"the judge gave no [[A]]/[[B]]/[[C]] verdict: {reply[-200:]!r}")
+        return tag
