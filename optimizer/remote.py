@@ -1,0 +1,202 @@
+"""``remote:`` backend: a BPO model served by vLLM / SGLang behind OpenAI's ``/v1/completions``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aiohttp
+
+from optimizer.base import (
+    Mode,
+    OptimizerError,
+    OptimizerOptions,
+    OptimizerStatus,
+    OptimizerUnavailable,
+    Rewrite,
+    State,
+)
+from optimizer.identity import remote_identity
+from optimizer.template import BANNED_STRINGS, DECODING, build_prompt, clean_output
+
+log = logging.getLogger("bpo.optimizer.remote")
+
+# How long start-up waits for the server before /readyz says "failed" (probing goes on behind it).
+STARTUP_GRACE_SECONDS = 10.0
+PROBE_MIN_SECONDS, PROBE_MAX_SECONDS = 0.5, 30.0
+# Tokens per word is about 4/3 for Llama tokenizers on English; the server does not tell us its count.
+TOKENS_PER_WORD = 4 / 3
+
+
+def normalize_base_url(base_url: str) -> str:
+    """``http://host:8000`` and ``http://host:8000/v1/`` both mean the server's ``/v1``."""
+    url = base_url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def completion_body(model: str, text: str, mode: Mode, options: OptimizerOptions,
+                    extras: bool = True) -> dict[str, Any]:
+    """The ``/v1/completions`` request for one rewrite, with the mode's decoding settings.
+
+    ``extras`` adds vLLM / SGLang sampling fields that OpenAI's schema lacks (``min_tokens``,
+    ``bad_words``); servers that reject them get the plain body (see ``RemoteOptimizer``).
+    """
+    decoding = DECODING[mode]
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": build_prompt(text),
+        "max_tokens": options.max_new_tokens,
+        "temperature": decoding.temperature,
+        "top_p": decoding.top_p,
+        "n": 1,
+        "stream": False,
+    }
+    if options.seed is not None:
+        body["seed"] = options.seed
+    if decoding.stop_at_newline:
+        body["stop"] = ["\n"]
+    if extras and decoding.min_extra_tokens is not None:
+        estimated_prompt_tokens = round(len(text.split()) * TOKENS_PER_WORD)
+        body["min_tokens"] = min(estimated_prompt_tokens + decoding.min_extra_tokens, options.max_new_tokens)
+        body["bad_words"] = list(BANNED_STRINGS)
+    return body
+
+
+class RemoteOptimizer:
+    """Rewrites through an OpenAI-compatible completions server with one pooled aiohttp session.
+
+    ``start()`` returns at once; a background probe discovers the model from ``/v1/models`` (or checks the
+    configured one) and keeps probing while the server is unreachable. A connection failure during
+    serving flips the status to ``failed`` and restarts the probe, so ``/readyz`` tells the truth.
+    """
+
+    def __init__(self, base_url: str, options: OptimizerOptions, *,
+                 startup_grace: float = STARTUP_GRACE_SECONDS) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.options = options
+        self.startup_grace = startup_grace
+        self._model: str | None = options.remote_model
+        self._identity = f"remote:{self._model or self.base_url}@pending"
+        self._state: State = "loading"
+        self._detail = f"probing {self.base_url}/models"
+        self._extras = True
+        self._session: aiohttp.ClientSession | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def status(self) -> OptimizerStatus:
+        return OptimizerStatus(self._state, self._identity, self._detail)
+
+    async def start(self) -> None:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
+            connector = aiohttp.TCPConnector(limit=max(64, self.options.max_batch_size * 8),
+                                             keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                                  headers=self._headers())
+        self._start_probe()
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def optimize(self, text: str, mode: Mode) -> Rewrite:
+        if self._state != "ready" or self._session is None or self._model is None:
+            raise OptimizerUnavailable(f"remote optimizer not ready: {self._detail}")
+        identity = self._identity
+        body = completion_body(self._model, text, mode, self.options, self._extras)
+        payload = await self._post_completion(body)
+        try:
+            generated = str(payload["choices"][0]["text"])
+        except (KeyError, IndexError, TypeError) as exc:
+            raise OptimizerError(f"{self.base_url}/completions answered without choices[0].text") from exc
+        return Rewrite(clean_output(generated, mode), identity)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}
+
+    async def _post_completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        status, payload = await self._request("POST", "/completions", body)
+        if status == 400 and "min_tokens" in body and self._extras:
+            # A strict OpenAI-compatible server refuses vLLM's sampling extras: drop them from now on.
+            log.warning("%s rejected min_tokens/bad_words; sending plain OpenAI fields", self.base_url)
+            self._extras = False
+            body = {k: v for k, v in body.items() if k not in ("min_tokens", "bad_words")}
+            status, payload = await self._request("POST", "/completions", body)
+        if status != 200 or not isinstance(payload, dict):
+            raise OptimizerError(f"{self.base_url}/completions answered {status}: {str(payload)[:200]}")
+        return payload
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """One call to the server; foreign errors become ours here."""
+        assert self._session is not None
+        try:
+            async with self._session.request(method, self.base_url + path, json=body) as response:
+                try:
+                    payload = await response.json(content_type=None)
+                except ValueError:
+                    payload = (await response.text())[:200]
+                return response.status, payload
+        except asyncio.TimeoutError as exc:
+            raise OptimizerError(f"{self.base_url}{path} did not answer within "
+                                 f"{self.options.request_timeout:g} s") from exc
+        except aiohttp.ClientConnectionError as exc:
+            self._mark_unreachable(exc)
+            raise OptimizerUnavailable(f"{self.base_url} is unreachable: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise OptimizerError(f"{self.base_url}{path} failed: {exc}") from exc
+
+    def _mark_unreachable(self, exc: Exception) -> None:
+        if self._state == "ready":
+            log.warning("remote optimizer %s became unreachable: %s", self.base_url, exc)
+            self._state, self._detail = "failed", f"{self.base_url} unreachable: {exc}; retrying"
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_until_ready(), name="bpo-remote-probe")
+
+    async def _probe_until_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        give_up_loading_at = loop.time() + self.startup_grace
+        delay = PROBE_MIN_SECONDS
+        while True:
+            try:
+                await self._discover()
+                return
+            except OptimizerError as exc:
+                # Keep "loading" through the grace period, so a server that starts with us is not reported down.
+                state: State = "loading" if self._state == "loading" and loop.time() < give_up_loading_at \
+                    else "failed"
+                if state == "failed" and self._state != "failed":
+                    log.warning("remote optimizer not available, passing prompts through: %s", exc)
+                self._state, self._detail = state, f"{exc}; retrying in {delay:g} s"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PROBE_MAX_SECONDS)
+
+    async def _discover(self) -> None:
+        status, payload = await self._request("GET", "/models")
+        if status != 200 or not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+            raise OptimizerError(f"{self.base_url}/models answered {status}: {str(payload)[:200]}")
+        models = {str(m.get("id")): m for m in payload["data"] if isinstance(m, dict) and m.get("id")}
+        model = self.options.remote_model or next(iter(models), None)
+        if model is None:
+            raise OptimizerError(f"{self.base_url}/models lists no model")
+        if model not in models:
+            raise OptimizerError(f"{self.base_url} does not serve {model!r} (it serves: {', '.join(models)})")
+        root = models[model].get("root")
+        self._model = model
+        self._identity = remote_identity(model, str(root) if root else None)
+        self._state, self._detail = "ready", f"serving {model} from {self.base_url}"
+        log.info("remote optimizer ready: %s", self._identity)

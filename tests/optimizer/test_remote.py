@@ -1,0 +1,208 @@
+"""The remote: backend against the fake upstream's /v1/models and /v1/completions over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from optimizer.base import Optimizer, OptimizerError, OptimizerOptions, OptimizerUnavailable
+from optimizer.registry import build_optimizer
+from optimizer.remote import RemoteOptimizer, normalize_base_url
+from optimizer.template import BANNED_STRINGS, build_prompt
+from tests.fakes.upstream import FakeUpstream, Recorded, Reply, completion_reply, free_port
+
+OPTIONS = OptimizerOptions(max_new_tokens=128, remote_model="bpo-fake", request_timeout=2.0)
+
+
+async def started(base_url: str, options: OptimizerOptions = OPTIONS, **kwargs: float) -> RemoteOptimizer:
+    optimizer = RemoteOptimizer(base_url, options, **kwargs)
+    await optimizer.start()
+    for _ in range(200):
+        if optimizer.status().state != "loading":
+            break
+        await asyncio.sleep(0.02)
+    return optimizer
+
+
+@pytest.fixture
+async def remote(upstream: FakeUpstream) -> AsyncIterator[RemoteOptimizer]:
+    optimizer = await started(upstream.base_url)
+    yield optimizer
+    await optimizer.close()
+
+
+def completion_bodies(upstream: FakeUpstream) -> list[dict[str, object]]:
+    return [r.json for r in upstream.requests_to("/v1/completions")]
+
+
+def test_base_url_accepts_server_root_or_v1() -> None:
+    assert normalize_base_url("http://h:8000") == "http://h:8000/v1"
+    assert normalize_base_url("http://h:8000/v1/") == "http://h:8000/v1"
+
+
+def test_registry_builds_remote_backend(upstream: FakeUpstream) -> None:
+    optimizer = build_optimizer(f"remote:{upstream.base_url}", OPTIONS)
+    assert isinstance(optimizer, RemoteOptimizer) and isinstance(optimizer, Optimizer)
+
+
+async def test_stable_rewrite_sends_template_and_stable_decoding(
+    remote: RemoteOptimizer, upstream: FakeUpstream
+) -> None:
+    assert remote.status().state == "ready"
+    rewrite = await remote.optimize("Tell me about black holes.", "stable")
+    assert (
+        rewrite.text == "Tell me about black holes. Please answer in detail, step by step, and explain your reasoning."
+    )
+    assert rewrite.optimizer == remote.identity and remote.identity.startswith("remote:bpo-fake@")
+    (body,) = completion_bodies(upstream)
+    assert body["prompt"] == build_prompt("Tell me about black holes.")
+    assert (body["model"], body["temperature"], body["top_p"], body["max_tokens"]) == ("bpo-fake", 0.6, 0.9, 128)
+    assert "stop" not in body and "min_tokens" not in body and "seed" not in body
+
+
+async def test_aggressive_rewrite_stops_at_newline_and_cleans_leaked_markers(upstream: FakeUpstream) -> None:
+    upstream.responders["/v1/completions"] = lambda r: completion_reply(
+        r.json, lambda prompt: "Explain black holes clearly [KEE\nsecond line"
+    )
+    optimizer = await started(upstream.base_url, replace(OPTIONS, seed=7))
+    try:
+        rewrite = await optimizer.optimize("Tell me about black holes please", "aggressive")
+    finally:
+        await optimizer.close()
+    assert rewrite.text == "Explain black holes clearly"
+    (body,) = completion_bodies(upstream)
+    assert (body["temperature"], body["top_p"], body["stop"], body["seed"]) == (0.9, 0.9, ["\n"], 7)
+    # prompt tokens (estimated from 6 words) + 5, as the reference forces at least that many
+    assert body["min_tokens"] == 13
+    assert body["bad_words"] == list(BANNED_STRINGS)
+
+
+async def test_model_discovered_from_v1_models_when_not_configured(upstream: FakeUpstream) -> None:
+    upstream.responders["/v1/models"] = lambda r: Reply(
+        json={
+            "object": "list",
+            "data": [{"id": "bpo", "object": "model", "root": "/models/bpo-v2", "owned_by": "vllm"}],
+        }
+    )
+    optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model=None))
+    try:
+        await optimizer.optimize("hi there", "stable")
+    finally:
+        await optimizer.close()
+    assert completion_bodies(upstream)[0]["model"] == "bpo"
+    assert optimizer.identity.startswith("remote:bpo@")
+
+
+async def test_identity_follows_the_served_model_root(upstream: FakeUpstream) -> None:
+    identities = []
+    for root in ("/models/bpo-v1", "/models/bpo-v2", "/models/bpo-v1"):
+        upstream.responders["/v1/models"] = lambda r, root=root: Reply(json={"data": [{"id": "bpo", "root": root}]})
+        optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model=None))
+        identities.append(optimizer.identity)
+        await optimizer.close()
+    assert identities[0] == identities[2] != identities[1]
+
+
+async def test_versioned_served_name_is_the_identity(upstream: FakeUpstream) -> None:
+    upstream.responders["/v1/models"] = lambda r: Reply(json={"data": [{"id": "bpo@v3"}]})
+    optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model=None))
+    await optimizer.close()
+    assert optimizer.identity == "remote:bpo@v3"
+
+
+async def test_configured_model_missing_on_server_fails_with_its_name(upstream: FakeUpstream) -> None:
+    optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model="nope"), startup_grace=0.0)
+    try:
+        status = optimizer.status()
+        assert status.state == "failed"
+        assert "'nope'" in status.detail and "bpo-fake" in status.detail
+        with pytest.raises(OptimizerUnavailable):
+            await optimizer.optimize("hi", "stable")
+    finally:
+        await optimizer.close()
+
+
+async def test_unreachable_server_is_unavailable_then_recovers_when_it_comes_up() -> None:
+    port = free_port()
+    optimizer = await started(f"http://127.0.0.1:{port}/v1", startup_grace=0.0)
+    late = None
+    try:
+        assert optimizer.status().state == "failed"
+        assert "127.0.0.1" in optimizer.status().detail
+        with pytest.raises(OptimizerUnavailable):
+            await optimizer.optimize("hi", "stable")
+        late = FakeUpstream(port=port).start()
+        for _ in range(300):
+            if optimizer.status().state == "ready":
+                break
+            await asyncio.sleep(0.02)
+        assert optimizer.status().state == "ready"
+        assert (await optimizer.optimize("hi", "stable")).text.startswith("hi ")
+    finally:
+        await optimizer.close()
+        if late is not None:
+            late.stop()
+
+
+async def test_server_that_rejects_extras_gets_plain_openai_fields(upstream: FakeUpstream) -> None:
+    def strict(recorded: Recorded) -> Reply:
+        if "min_tokens" in recorded.json:
+            return Reply(status=400, json={"error": {"message": "unknown field min_tokens"}})
+        return completion_reply(recorded.json)
+
+    upstream.responders["/v1/completions"] = strict
+    optimizer = await started(upstream.base_url)
+    try:
+        first = await optimizer.optimize("Tell me a joke", "aggressive")
+        second = await optimizer.optimize("Tell me a story", "aggressive")
+    finally:
+        await optimizer.close()
+    assert first.text.startswith("Tell me a joke") and second.text.startswith("Tell me a story")
+    assert ["min_tokens" in body for body in completion_bodies(upstream)] == [True, False, False]
+
+
+async def test_server_error_and_malformed_answer_raise_optimizer_error(
+    remote: RemoteOptimizer, upstream: FakeUpstream
+) -> None:
+    upstream.responders["/v1/completions"] = lambda r: Reply(status=503, json={"error": {"message": "busy"}})
+    with pytest.raises(OptimizerError, match="503"):
+        await remote.optimize("hi", "stable")
+    upstream.responders["/v1/completions"] = lambda r: Reply(json={"choices": []})
+    with pytest.raises(OptimizerError, match="choices"):
+        await remote.optimize("hi", "stable")
+    assert remote.status().state == "ready"
+
+
+async def test_deadline_bounds_a_slow_server(upstream: FakeUpstream) -> None:
+    upstream.responders["/v1/completions"] = lambda r: replace(completion_reply(r.json), delay=1.0)
+    optimizer = await started(upstream.base_url, replace(OPTIONS, request_timeout=0.3))
+    try:
+        with pytest.raises(OptimizerError, match=r"did not answer within 0\.3 s"):
+            await optimizer.optimize("hi", "stable")
+    finally:
+        await optimizer.close()
+
+
+async def test_api_key_is_sent_and_concurrent_rewrites_share_the_pool(upstream: FakeUpstream) -> None:
+    optimizer = await started(upstream.base_url, replace(OPTIONS, api_key="sk-remote"))
+    try:
+        texts = [f"prompt number {i}" for i in range(16)]
+        rewrites = await asyncio.gather(*(optimizer.optimize(t, "stable") for t in texts))
+    finally:
+        await optimizer.close()
+    assert [r.text.split(" Please")[0] for r in rewrites] == texts
+    assert {r.headers["authorization"] for r in upstream.requests_to("/v1/completions")} == {"Bearer sk-remote"}
+
+
+async def test_cancelled_rewrite_leaves_the_backend_usable(remote: RemoteOptimizer, upstream: FakeUpstream) -> None:
+    upstream.responders["/v1/completions"] = lambda r: replace(completion_reply(r.json), delay=1.0)
+    task = asyncio.create_task(remote.optimize("slow", "stable"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    upstream.responders.clear()
+    assert (await remote.optimize("fast", "stable")).text.startswith("fast ")
