@@ -25,6 +25,7 @@ from proxy.litellm_forward import LiteLLMForwarder
 from proxy.metrics import Metrics
 from proxy.routes import routes
 from proxy.settings import Settings
+from proxy.shadow import ForwardingControlClient, ShadowJudge
 
 log = logging.getLogger("bpo.app")
 
@@ -70,11 +71,15 @@ def create_app(settings: Settings) -> Starlette:
             max_chars=settings.max_prompt_chars,
             on_optimizer_seconds=metrics.optimizer_seconds.labels(backend=backend).observe,
             on_fail_open=lambda component: metrics.fail_open.labels(component=component).inc())
-        state.chat = ChatService(settings, pipeline, state.http, LiteLLMForwarder(), ArmAssigner(settings),
-                                 metrics, state.events, state.recent_requests)
+        providers = LiteLLMForwarder()
+        state.shadow = ShadowJudge(settings, metrics, state.events,
+                                   ForwardingControlClient(settings, state.http, providers))
+        state.chat = ChatService(settings, pipeline, state.http, providers, ArmAssigner(settings),
+                                 metrics, state.events, state.recent_requests, state.shadow)
         await state.http.start()
         await state.cache.start()
         await state.events.start()
+        await state.shadow.start()
         await state.optimizer.start()
         if settings.require_optimizer:
             await _require(state.optimizer)
@@ -83,6 +88,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             await state.optimizer.close()
+            await state.shadow.close()  # its verdicts still reach the events sink
             await state.events.close()
             await state.cache.close()
             await state.http.close()

@@ -28,6 +28,7 @@ from proxy.metrics import Metrics
 from proxy.protocol import ChatRequest, parse_chat_request, read_body
 from proxy.rewrite import UserTurn, find_last_user_text, replace_user_text
 from proxy.settings import Settings
+from proxy.shadow import ShadowJudge
 
 log = logging.getLogger("bpo.chat")
 
@@ -72,7 +73,7 @@ class ChatService:
 
     def __init__(self, settings: Settings, pipeline: RewritePipeline, http: HttpForwarder,
                  providers: LiteLLMForwarder, assigner: ArmAssigner, metrics: Metrics, events: EventSink,
-                 recent: RecentRequests) -> None:
+                 recent: RecentRequests, shadow: ShadowJudge | None = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.http = http
@@ -81,6 +82,7 @@ class ChatService:
         self.metrics = metrics
         self.events = events
         self.recent = recent
+        self.shadow = shadow
 
     async def handle(self, request: Request) -> Response:
         arrived = time.perf_counter()
@@ -111,12 +113,22 @@ class ChatService:
         extra = self._bpo_headers(request_id, decision, rewritten, debug, (sent - arrived) * 1000)
         body = chat.body if rewritten.body is None else rewritten.body
         if target.kind == "litellm":
-            return await self.providers.forward(target, {**body, "model": target.model}, exchange, extra, finish)
+            response = await self.providers.forward(target, {**body, "model": target.model}, exchange, extra,
+                                                    finish)
+            return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
         payload = self._payload(chat, rewritten, target)
         url, params = self._url(target)
         out_headers = upstream_headers(headers, target.api_key, azure=target.kind == "azure")
         out_headers["content-type"] = "application/json"
-        return await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params)
+        response = await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params)
+        return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
+
+    def _maybe_shadow(self, response: Response, request_id: str, chat: ChatRequest, decision: ArmDecision,
+                      rewritten: Rewritten, headers: Mapping[str, str]) -> Response:
+        """Rewritten treatment answers may be judged against control, after they reach the client."""
+        if self.shadow is None or not rewritten.applied or decision.override:
+            return response
+        return self.shadow.attach(response, request_id, chat.body, headers)
 
     async def _rewrite(self, chat: ChatRequest, decision: ArmDecision, api_key: str | None) -> Rewritten:
         optimizer = self.pipeline.optimizer.identity

@@ -27,6 +27,7 @@ from proxy.events import EventSink
 from proxy.forward import Exchange, HttpForwarder, resolve_target, upstream_headers
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.metrics import Metrics
+from proxy.rewrite import find_last_user_text
 from proxy.settings import Settings
 
 log = logging.getLogger("bpo.shadow")
@@ -224,11 +225,13 @@ class ShadowJudge:
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warmup: asyncio.Task[Any] | None = None
 
     async def start(self) -> None:
         if self.enabled:
-            # litellm's import takes seconds of CPU; a thread keeps it off the event loop.
-            await asyncio.to_thread(load_litellm)
+            # litellm's import takes seconds of CPU: a thread keeps it off the event loop, and not
+            # awaiting it here keeps start-up fast; the first judgement waits for it instead.
+            self._warmup = asyncio.create_task(asyncio.to_thread(load_litellm), name="shadow-litellm-import")
 
     def sample(self) -> bool:
         """Pick this treatment request for judging? Decide before the response so a stream can be kept."""
@@ -242,14 +245,20 @@ class ShadowJudge:
             return False
         return True
 
-    def attach(self, response: Response, job: ShadowJob) -> Response:
+    def attach(self, response: Response, request_id: str, body: Mapping[str, Any],
+               headers: Mapping[str, str]) -> Response:
         """For a rewritten treatment request: sample it and, when picked, judge its answer once complete.
 
-        A plain response is judged from its body; a stream is read as it passes to the client (bytes
-        untouched) and judged only if it ran to the end. ``job.treatment_answer`` is filled here.
+        ``body`` is the request as the client sent it (original prompt), ``headers`` the client's (for the
+        control call's auth). A plain response is judged from its body; a stream is read as it passes to
+        the client (bytes untouched) and judged only if it ran to the end.
         """
         if response.status_code != 200 or not self.sample():
             return response
+        turn = find_last_user_text(body.get("messages") or [])
+        if turn is None:
+            return response
+        job = ShadowJob(request_id, dict(body), "\n".join(turn.texts), headers=dict(headers))
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._keep_stream(response.body_iterator, job)
             return response
@@ -297,9 +306,10 @@ class ShadowJudge:
     async def close(self, grace: float = 5.0) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.drain()), timeout=grace)
-        for task in list(self._tasks):
+        pending = [*self._tasks, *([self._warmup] if self._warmup is not None else [])]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _judge(self, job: ShadowJob) -> None:
         event: dict[str, Any] = {"type": "shadow", "request_id": job.request_id,
@@ -316,6 +326,8 @@ class ShadowJudge:
         self.sink.emit(event)
 
     async def _verdict(self, job: ShadowJob) -> dict[str, Any]:
+        if self._warmup is not None:
+            await self._warmup
         started = time.perf_counter()
         control = await self.control.answer(control_body(job.body), job.headers)
         control_ms = (time.perf_counter() - started) * 1000
