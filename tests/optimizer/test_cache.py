@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 import pytest
 
@@ -20,12 +19,7 @@ from optimizer.cache import (
     tenant_of,
 )
 from proxy.settings import Settings
-from tests.optimizer.cache_helpers import CountingCompute, FakeClock, rewrite, until
-
-
-class Events(Counter[str]):
-    def __call__(self, event: str) -> None:
-        self[event] += 1
+from tests.optimizer.cache_helpers import CountingCompute, Events, FakeClock, rewrite, until
 
 
 def test_key_depends_on_everything_that_decides_the_rewrite() -> None:
