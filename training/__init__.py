@@ -1,0 +1,1 @@
+"""Offline tooling that rebuilds the prompt optimizer: data construction, fine-tuning and evaluation."""

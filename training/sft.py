@@ -1,0 +1,268 @@
+"""``bpo train``: supervised fine-tuning of the optimizer on (prompt, optimized prompt) pairs with TRL's
+``SFTTrainer``; writes a model dir + ``bpo_manifest.json`` that ``--optimizer hf:DIR`` loads.
+
+Each pair becomes ``ids(build_prompt(prompt)) + ids(optimized) + [eos]`` with the loss on the rewrite only.
+The prompt is tokenized exactly as the ``hf:`` backend tokenizes it at inference, and the rewrite on its
+own, so the model learns the very token ids it must generate after the prompt. Pairs longer than
+``--max-length`` are dropped and counted, never truncated: the reference code cut long inputs from the
+start and trained on prompts whose beginning was gone.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from training.errors import ConfigError, DataError
+from training.records import Record, read_records, sha256_file, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import SFTTrainer
+
+CONFIG_NAME = "bpo_train_config.json"
+IGNORE_INDEX = -100  # the label value the loss skips (the prompt's tokens)
+
+
+@dataclass
+class TrainConfig:
+    base: str = field(metadata={"help": "base model: a transformers model dir or hub id"})
+    data: str = field(metadata={"help": "pairs JSONL (prompt, optimized_prompt) from bpo data build"})
+    output: str = field(metadata={"help": "model dir to write; loads with --optimizer hf:DIR"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (smoke runs); -1: use --epochs"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) and merge them into the saved model"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    epochs: float = field(default=3.0, metadata={"help": "training epochs (the paper: 3)"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate (the paper: 2e-5, full fine-tune)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps for linear warm-up, then linear decay"})
+    batch_size: int = field(default=4, metadata={"help": "pairs per device per step (the paper: 4 per GPU x 8 GPUs)"})
+    gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_length: int = field(default=2048, metadata={"help": "drop pairs longer than this many tokens (never truncate)"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this share of pairs for eval loss and offline metrics"})
+    eval_generate: int = field(default=16, metadata={"help": "rewrite up to N held-out prompts greedily after training for offline metrics"})
+    bf16: bool | None = field(default=None, metadata={"help": "train in bf16 (default: on when the GPU supports it)"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory (default: on GPU)"})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config: a JSON path or a shipped name (zero2, zero3)"})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUTPUT/checkpoints"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep OUTPUT/checkpoints after training"})
+    seed: int = field(default=42, metadata={"help": "random seed (data order, LoRA init, held-out split)"})
+    name: str | None = field(default=None, metadata={"help": "optimizer name in the manifest (default: the output dir's name)"})
+
+    def check(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError("--eval-fraction must be in [0, 1)")
+        if self.max_steps == 0 or self.epochs <= 0:
+            raise ConfigError("--max-steps must be -1 or positive, and --epochs positive")
+
+
+@dataclass
+class Prepared:
+    """Tokenized pairs ready for the trainer, and what was left out."""
+
+    tokenizer: PreTrainedTokenizerBase
+    train: list[dict[str, list[int]]]
+    held_out: list[Record]
+    held_out_encoded: list[dict[str, list[int]]]
+    dropped_too_long: int
+    data_sha256: str
+
+
+def load_pairs(path: str) -> list[Record]:
+    pairs = read_records(path)
+    for number, pair in enumerate(pairs, start=1):
+        if not isinstance(pair.get("prompt"), str) or not isinstance(pair.get("optimized_prompt"), str):
+            raise DataError(f"{path}: pair {number} needs string prompt and optimized_prompt fields")
+    pairs = [p for p in pairs if p["prompt"].strip() and p["optimized_prompt"].strip()]
+    if not pairs:
+        raise DataError(f"{path}: no pairs to train on")
+    return pairs
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The optimizer input's token ids, as the ``hf:`` backend builds them (template, special tokens)."""
+    from optimizer.template import build_prompt
+
+    return list(tokenizer(build_prompt(text))["input_ids"])
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, optimized: str) -> dict[str, list[int]]:
+    """input_ids = prompt ids + rewrite ids + eos; labels mask the prompt with -100."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    rewrite_ids = list(tokenizer(optimized.strip(), add_special_tokens=False)["input_ids"])
+    rewrite_ids.append(int(tokenizer.eos_token_id))
+    return {"input_ids": prompt_ids + rewrite_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + rewrite_ids}
+
+
+def context_limit(base: str, requested: int) -> int:
+    """``--max-length``, capped by the base model's position limit."""
+    from transformers import AutoConfig
+
+    positions = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None)
+    return min(requested, positions) if isinstance(positions, int) else requested
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    from transformers import AutoTokenizer
+
+    pairs = load_pairs(config.data)
+    tokenizer = AutoTokenizer.from_pretrained(config.base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss and attention anyway
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{config.base}: the tokenizer has no EOS token, so a rewrite could never end")
+    random.Random(config.seed).shuffle(pairs)
+    held_count = int(len(pairs) * config.eval_fraction)
+    held_out, train_pairs = pairs[:held_count], pairs[held_count:]
+    limit = context_limit(config.base, config.max_length)
+    encoded = [encode_pair(tokenizer, p["prompt"], p["optimized_prompt"]) for p in train_pairs]
+    train = [e for e in encoded if len(e["input_ids"]) <= limit]
+    held_encoded = [encode_pair(tokenizer, p["prompt"], p["optimized_prompt"]) for p in held_out]
+    held_encoded = [e for e in held_encoded if len(e["input_ids"]) <= limit]
+    if not train:
+        raise DataError(f"every pair is longer than {limit} tokens")
+    return Prepared(tokenizer, train, held_out, held_encoded, len(encoded) - len(train), sha256_file(config.data))
+
+
+def deepspeed_config(value: str | None) -> str | None:
+    if value is None or Path(value).is_file():
+        return value
+    from training.configs import config_path
+
+    return str(config_path(f"deepspeed_{value}"))
+
+
+def build_trainer(config: TrainConfig, prepared: Prepared) -> SFTTrainer:
+    """TRL's SFTTrainer on the pre-tokenized pairs (it skips its own tokenization when ids are given)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = config.bf16 if config.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
+    checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None else on_gpu
+    model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.bfloat16 if bf16 else torch.float32)
+    args = SFTConfig(
+        output_dir=str(Path(config.output) / "checkpoints"), max_length=None, packing=False,
+        num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
+        lr_scheduler_type="linear", warmup_steps=config.warmup_ratio, optim="adamw_torch",
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation, bf16=bf16,
+        gradient_checkpointing=checkpointing, logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+        eval_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
+        deepspeed=deepspeed_config(config.deepspeed), disable_tqdm=True,
+    )
+    return SFTTrainer(
+        model=model, args=args, processing_class=prepared.tokenizer,
+        train_dataset=Dataset.from_list(prepared.train),
+        eval_dataset=Dataset.from_list(prepared.held_out_encoded) if prepared.held_out_encoded else None,
+        peft_config=lora_config(config) if config.lora else None,
+    )
+
+
+def lora_config(config: TrainConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=config.lora_rank, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules="all-linear")
+
+
+def loss_curve(trainer: SFTTrainer) -> list[float]:
+    return [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def generate_rewrites(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                      max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
+    """Greedy rewrites of ``prompts`` with the optimizer template (offline metrics, the overfit test)."""
+    import torch
+
+    from optimizer.template import build_prompt
+
+    tokenizer.padding_side = "left"  # generation continues each row from its last real token
+    rewrites: list[str] = []
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer([build_prompt(p) for p in prompts[start:start + batch_size]], return_tensors="pt",
+                          padding=True).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        rewrites += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return rewrites
+
+
+def offline_metrics(model: PreTrainedModel, prepared: Prepared, count: int) -> dict[str, Any]:
+    from training.metrics import rewrite_metrics
+
+    sample = prepared.held_out[:count]
+    if not sample:
+        return {}
+    rewrites = generate_rewrites(model, prepared.tokenizer, [p["prompt"] for p in sample])
+    metrics = rewrite_metrics([p["prompt"] for p in sample], rewrites, [p["optimized_prompt"] for p in sample])
+    return {f"heldout_{name}": value for name, value in metrics.as_dict().items()}
+
+
+def hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    """The config fields that shape the weights (paths and bookkeeping flags left out)."""
+    skip = {"data", "output", "logging_steps", "save_steps", "resume", "keep_checkpoints", "name", "eval_generate"}
+    return {key: value for key, value in asdict(config).items() if key not in skip}
+
+
+def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: dict[str, Any]) -> None:
+    """Write the model (LoRA merged in), the tokenizer, the run config and the manifest."""
+    from training.manifest import build_manifest, write_manifest
+
+    output = Path(config.output)
+    model = trainer.model
+    if config.lora:
+        model = model.merge_and_unload()  # the hf: backend loads plain causal-LM dirs
+        if trainer.is_world_process_zero():
+            model.save_pretrained(output)
+    else:
+        trainer.save_model(str(output))
+    if not trainer.is_world_process_zero():
+        return
+    prepared.tokenizer.save_pretrained(output)
+    if config.eval_generate and prepared.held_out:
+        metrics.update(offline_metrics(model, prepared, config.eval_generate))
+    write_json(output / CONFIG_NAME, {"stage": "train", "config": asdict(config), "metrics": metrics,
+                                      "finished": datetime.now(timezone.utc).isoformat()})
+    name = config.name or output.resolve().name
+    manifest = build_manifest(output, name, config.base, prepared.data_sha256, hyperparameters(config), metrics)
+    write_manifest(output, manifest)
+    print(f"wrote {output} as {manifest.identity}: {metrics['steps']} steps, "
+          f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f}")
+
+
+def main(config: TrainConfig) -> dict[str, Any]:
+    from transformers import set_seed
+
+    config.check()
+    set_seed(config.seed)
+    prepared = prepare(config)
+    trainer = build_trainer(config, prepared)
+    checkpoints = Path(config.output) / "checkpoints"
+    result = trainer.train(resume_from_checkpoint=config.resume and any(checkpoints.glob("checkpoint-*")))
+    curve = loss_curve(trainer)
+    metrics: dict[str, Any] = {
+        "train_loss": float(result.training_loss), "first_loss": curve[0] if curve else float("nan"),
+        "last_loss": curve[-1] if curve else float("nan"), "steps": int(result.global_step),
+        "train_pairs": len(prepared.train), "held_out_pairs": len(prepared.held_out),
+        "dropped_too_long": prepared.dropped_too_long,
+    }
+    if prepared.held_out_encoded:
+        metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    save(trainer, config, prepared, metrics)
+    if not config.keep_checkpoints and trainer.is_world_process_zero():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return metrics
