@@ -46,11 +46,11 @@ def _requests_table(report: Report) -> Any:
     from rich.table import Table
 
     table = Table(title="Requests by arm (override = X-BPO decided, kept out of the comparison)")
-    for column in ("arm", "requests", "errors", "applied", "not applied because", "latency p50/p95 ms",
-                   "overhead p50/p95 ms", "tokens (prompt/completion)", "tokens/request"):
-        table.add_column(column, justify="left" if column in ("arm", "not applied because") else "right")
+    for column in ("arm", "requests", "errors", "applied", "not applied", "latency ms\np50 / p95",
+                   "overhead ms\np50 / p95", "tokens\nin / out", "tokens\n/ request"):
+        table.add_column(column, justify="left" if column in ("arm", "not applied") else "right")
     for arm in report.arms:
-        reasons = ", ".join(f"{reason} {count}" for reason, count in arm.reasons.items()) or "-"
+        reasons = "\n".join(f"{reason} {count}" for reason, count in arm.reasons.items()) or "-"
         table.add_row(arm.arm, str(arm.requests), str(arm.errors), _pct(arm.applied_rate), reasons,
                       f"{_num(arm.latency_ms.p50)} / {_num(arm.latency_ms.p95)}",
                       f"{_num(arm.overhead_ms.p50, 2)} / {_num(arm.overhead_ms.p95, 2)}",

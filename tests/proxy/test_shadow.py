@@ -1,0 +1,245 @@
+"""The shadow judge with hand-written fakes: both orders, flip -> tie, sampling, budget, bounds, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+import pytest
+from starlette.responses import Response, StreamingResponse
+
+from proxy.metrics import Metrics
+from proxy.shadow import (
+    MinuteBudget,
+    ShadowJob,
+    ShadowJudge,
+    answer_text,
+    combine,
+    control_body,
+    parse_judgement,
+)
+from tests.fakes.proxy_server import make_settings
+from tests.fakes.upstream import chat_reply, sse_chunks
+from tests.optimizer.cache_helpers import until
+
+TREATMENT, CONTROL = "the detailed treatment answer", "the plain control answer"
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FakeControl:
+    """Answers the control request; can hold every call until released, and counts calls in flight."""
+
+    def __init__(self, answer: str = CONTROL, fail: bool = False) -> None:
+        self.answer_text, self.fail = answer, fail
+        self.calls: list[tuple[dict[str, Any], Mapping[str, str]]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.in_flight = self.most_in_flight = 0
+
+    async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str:
+        self.calls.append((body, headers))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        if self.fail:
+            raise RuntimeError("upstream down")
+        return self.answer_text
+
+
+class FakeJudge:
+    """Prefers the answer containing ``prefer`` (or always answers ``fixed``); records every prompt."""
+
+    def __init__(self, prefer: str | None = TREATMENT, fixed: str | None = None) -> None:
+        self.prefer, self.fixed = prefer, fixed
+        self.prompts: list[str] = []
+
+    async def __call__(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        if self.fixed is not None:
+            return self.fixed
+        answer_a = prompt.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]", 1)[0]
+        return "A is more thorough.\n[[A]]" if self.prefer in answer_a else "B is better. [[B]]"
+
+
+def make_judge(control: FakeControl | None = None, judge: FakeJudge | None = None, **values: Any
+               ) -> tuple[ShadowJudge, RecordingSink, Metrics]:
+    values.setdefault("shadow_judge_model", "judge-model")
+    values.setdefault("shadow_rate", 1.0)
+    sink, metrics = RecordingSink(), Metrics()
+    shadow = ShadowJudge(make_settings(**values), metrics, sink, control or FakeControl(), judge or FakeJudge())
+    return shadow, sink, metrics
+
+
+def job(request_id: str = "req_1", **body: Any) -> ShadowJob:
+    request = {"model": "fake-model", "messages": [{"role": "user", "content": "Why is the sky blue?"}], **body}
+    return ShadowJob(request_id, request, "Why is the sky blue?", TREATMENT, {"authorization": "Bearer sk-c"})
+
+
+def verdicts(metrics: Metrics, verdict: str) -> float:
+    return metrics.registry.get_sample_value("bpo_shadow_verdicts_total", {"verdict": verdict}) or 0.0
+
+
+@pytest.mark.parametrize(("treatment_first", "control_first", "verdict"), [
+    ("A", "B", "win"), ("B", "A", "loss"), ("C", "C", "tie"),
+    ("A", "A", "tie"), ("B", "B", "tie"),  # the verdict followed the position, not the answer
+    ("A", "C", "tie"), ("C", "B", "tie")])
+def test_combining_both_orders(treatment_first: Any, control_first: Any, verdict: str) -> None:
+    assert combine(treatment_first, control_first) == verdict
+
+
+def test_the_judges_last_tag_is_its_verdict() -> None:
+    assert parse_judgement("[[A]] looked good at first, but overall [[ B ]]") == "B"
+    assert parse_judgement("Tie. [[C]]") == "C"
+    assert parse_judgement("I cannot decide") is None
+
+
+def test_answer_text_from_json_and_from_sse() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}
+    assert answer_text(orjson.dumps(chat_reply(body, "hello there").json)) == "hello there"
+    stream = b"".join(sse_chunks("m", "hello there", n=2, include_usage=True))
+    assert answer_text(stream) == "hello there "
+    assert answer_text(b"not a response") is None
+
+
+def test_the_control_request_asks_for_one_plain_answer() -> None:
+    body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}, "n": 3,
+            "temperature": 0.2, "logprobs": True}
+    assert control_body(body) == {"model": "m", "messages": [], "temperature": 0.2}
+
+
+def test_the_minute_budget_slides() -> None:
+    now = [0.0]
+    budget = MinuteBudget(2, clock=lambda: now[0])
+    assert [budget.take(), budget.take(), budget.take()] == [True, True, False]
+    now[0] = 59.9
+    assert not budget.take()
+    now[0] = 60.0
+    assert [budget.take(), budget.take(), budget.take()] == [True, True, False]  # both t=0 starts expired
+
+
+async def test_both_orders_are_asked_and_a_consistent_preference_wins() -> None:
+    control, judge = FakeControl(), FakeJudge(prefer=TREATMENT)
+    shadow, sink, metrics = make_judge(control, judge)
+    shadow.submit(job(stream=True, n=2))
+    await shadow.drain()
+    assert len(judge.prompts) == 2
+    first, second = judge.prompts
+    assert first.index(TREATMENT) < first.index(CONTROL) and second.index(CONTROL) < second.index(TREATMENT)
+    assert all("Why is the sky blue?" in prompt for prompt in judge.prompts)
+    assert control.calls[0][0] == {"model": "fake-model",
+                                   "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    assert control.calls[0][1] == {"authorization": "Bearer sk-c"}
+    (event,) = sink.events
+    assert {k: event[k] for k in ("type", "request_id", "verdict", "orders", "judge_model", "experiment")} == {
+        "type": "shadow", "request_id": "req_1", "verdict": "win", "judge_model": "judge-model",
+        "orders": {"treatment_first": "A", "control_first": "B"}, "experiment": "default"}
+    assert "treatment_answer" not in event and "question" not in event  # no text unless asked for
+    assert verdicts(metrics, "win") == 1
+
+
+async def test_a_judge_that_follows_position_gives_a_tie() -> None:
+    shadow, sink, metrics = make_judge(judge=FakeJudge(fixed="Answer A, clearly. [[A]]"))
+    shadow.submit(job())
+    await shadow.drain()
+    assert sink.events[0]["verdict"] == "tie" and verdicts(metrics, "tie") == 1
+
+
+async def test_preferring_control_is_a_loss_and_texts_are_kept_when_asked() -> None:
+    shadow, sink, _ = make_judge(judge=FakeJudge(prefer=CONTROL), events_include_text=True)
+    shadow.submit(job())
+    await shadow.drain()
+    event = sink.events[0]
+    assert event["verdict"] == "loss"
+    assert (event["question"], event["treatment_answer"], event["control_answer"]) == (
+        "Why is the sky blue?", TREATMENT, CONTROL)
+
+
+@pytest.mark.parametrize(("control", "judge"), [
+    (FakeControl(fail=True), FakeJudge()), (FakeControl(), FakeJudge(fixed="no idea"))])
+async def test_failures_become_error_verdicts_never_exceptions(control: FakeControl, judge: FakeJudge) -> None:
+    shadow, sink, metrics = make_judge(control, judge)
+    shadow.submit(job())
+    await shadow.drain()
+    assert sink.events[0]["verdict"] == "error" and sink.events[0]["error"]
+    assert verdicts(metrics, "error") == 1
+
+
+def test_sampling_follows_the_rate_and_needs_a_judge_model() -> None:
+    assert not make_judge(shadow_rate=0.0)[0].sample()
+    assert not make_judge(shadow_judge_model=None)[0].sample()
+    shadow, _, _ = make_judge(shadow_rate=0.25, shadow_max_per_minute=10_000)
+    picked = sum(shadow.sample() for _ in range(2000))
+    assert 400 < picked < 600  # 500 expected, sd 19
+
+
+def test_the_budget_caps_judgements_per_minute() -> None:
+    shadow, _, metrics = make_judge(shadow_max_per_minute=3)
+    assert [shadow.sample() for _ in range(5)] == [True, True, True, False, False]
+    assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "budget"}) == 2
+
+
+async def test_concurrency_is_bounded_and_excess_jobs_are_not_sampled() -> None:
+    control = FakeControl()
+    control.release.clear()
+    sink, metrics = RecordingSink(), Metrics()
+    shadow = ShadowJudge(make_settings(shadow_judge_model="j", shadow_rate=1.0, shadow_max_per_minute=1000),
+                         metrics, sink, control, FakeJudge(), max_concurrency=2, max_pending=5)
+    for i in range(5):
+        assert shadow.sample()
+        shadow.submit(job(f"req_{i}"))
+    assert not shadow.sample()  # five pending: the sixth is skipped, not queued
+    assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "busy"}) == 1
+    await until(lambda: control.in_flight == 2)
+    await asyncio.sleep(0.01)
+    assert control.most_in_flight == 2
+    control.release.set()
+    await shadow.drain()
+    assert len(sink.events) == 5 and control.most_in_flight == 2
+
+
+async def _stream(chunks: list[bytes], fail_after: int | None = None) -> AsyncIterator[bytes]:
+    for i, chunk in enumerate(chunks):
+        if fail_after is not None and i == fail_after:
+            raise ConnectionError("client went away")
+        yield chunk
+
+
+async def test_attach_reads_a_stream_as_it_passes_and_judges_it_once_complete() -> None:
+    shadow, sink, _ = make_judge()
+    chunks = sse_chunks("m", TREATMENT)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "stream": True}
+    response = shadow.attach(StreamingResponse(_stream(chunks)), "req_s", body, {})
+    assert isinstance(response, StreamingResponse)
+    passed = [chunk async for chunk in response.body_iterator]
+    assert passed == chunks  # the client's bytes are untouched
+    await shadow.drain()
+    assert sink.events[0]["verdict"] == "win"
+
+
+async def test_attach_skips_broken_streams_errors_and_turns_without_user_text() -> None:
+    shadow, sink, metrics = make_judge()
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    broken = shadow.attach(StreamingResponse(_stream(sse_chunks("m", TREATMENT), fail_after=2)), "r1", body, {})
+    with pytest.raises(ConnectionError):
+        _ = [chunk async for chunk in broken.body_iterator]
+    shadow.attach(Response(b'{"error": {}}', status_code=429), "r2", body, {})
+    shadow.attach(Response(b"{}"), "r3", {"model": "m", "messages": [{"role": "assistant", "content": "a"}]}, {})
+    await shadow.drain()
+    assert sink.events == []
+    assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "incomplete"}) == 1
