@@ -144,8 +144,9 @@ def main(config: BuildConfig) -> FilterStats:
 
 
 def print_stats(stats: FilterStats, config: BuildConfig) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from training.report import console
 
     table = Table(title=f"bpo data build -> {config.output}")
     table.add_column("records")
@@ -156,4 +157,4 @@ def print_stats(stats: FilterStats, config: BuildConfig) -> None:
             ("critic errors (retry by re-running)", stats.errors)]
     for name, count in rows:
         table.add_row(name, str(count))
-    Console().print(table)
+    console().print(table)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from training.errors import ConfigError, DataError
 from training.judge import (
     JUDGE_PROMPT_VERSION,
+    Outcome,
     Tally,
     average_delta_wr,
     build_judge_messages,
@@ -245,6 +246,12 @@ class Summary:
         return {"sets": sets, "average_delta_wr": self.average_delta_wr}
 
 
+def outcome_of(record: Record) -> Outcome:
+    """The outcome from the stored verdicts, so a table can be recomputed from a results file."""
+    first, second = record["verdicts"]
+    return combine_orders(first, second)
+
+
 def summarize(records: Sequence[Record], set_order: Sequence[str] | None = None) -> Summary:
     """Tallies and offline metrics per set, in ``set_order`` (else first-seen order)."""
     from training.metrics import rewrite_metrics
@@ -255,25 +262,24 @@ def summarize(records: Sequence[Record], set_order: Sequence[str] | None = None)
         rows = [r for r in records if r["set"] == name]
         if not rows:
             continue
-        tallies.append(tally(name, (r["outcome"] for r in rows if "outcome" in r)))
+        tallies.append(tally(name, (outcome_of(r) for r in rows if "verdicts" in r)))
         offline[name] = rewrite_metrics([r["prompt"] for r in rows], [r["optimized_prompt"] for r in rows],
                                         [r.get("reference") for r in rows]).as_dict()
     return Summary(tallies, offline)
 
 
 def main(config: EvalConfig) -> Summary:
-    from rich.console import Console
-
     from training.records import write_json
-    from training.report import plot_tallies, results_table
+    from training.report import console, plot_tallies, results_table
 
     config.check()
     items = load_prompt_sets(config.prompts, config.limit)
     run_id, errors = asyncio.run(run(config, items))
     records = [r for r in read_done(config.output) if r.get("run") == run_id]
     summary = summarize(records, list(dict.fromkeys(item.set_name for item in items)))
-    title = f"{config.optimizer} vs original — target {config.target_model}, judge {config.judge_model}"
-    Console().print(results_table(summary.tallies, summary.offline, title))
+    title = f"{config.optimizer} vs original — " + (
+        "offline metrics only" if config.offline else f"target {config.target_model}, judge {config.judge_model}")
+    console().print(results_table(summary.tallies, summary.offline, title))
     if errors:
         print(f"{errors} prompt(s) failed and were not recorded; re-run to retry them", file=sys.stderr)
     if config.plot and not config.offline:

@@ -9,6 +9,14 @@ from typing import Any
 from training.judge import Tally, average_delta_wr
 
 
+def console() -> Any:
+    """A console that does not squeeze the table to 80 columns when the output is a file or a pipe."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal else Console(width=max(out.width, 150))
+
+
 def results_table(tallies: Sequence[Tally], offline: dict[str, dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
