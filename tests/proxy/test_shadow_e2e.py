@@ -1,0 +1,173 @@
+"""Shadow judging end to end: the gateway asks the fake provider for control answers and a second fake
+provider, through litellm's ``openai/`` route, for verdicts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.report import load_events, summarize
+from tests.fakes.proxy_server import RunningProxy
+from tests.fakes.upstream import FakeUpstream, Recorded, Reply, chat_reply, default_rewrite
+
+from .conftest import StartProxy
+
+PROMPT = "How do tides work?"
+TREATMENT_MARK = "step by step"  # the fake optimizer adds it, so only the treatment answer echoes it
+
+
+def answers_in(judge_request: Recorded) -> tuple[str, str]:
+    prompt = judge_request.json["messages"][0]["content"]
+    answer_a = prompt.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]", 1)[0]
+    answer_b = prompt.split("[Answer B]\n", 1)[1].split("\n\nExplain your reasoning", 1)[0]
+    return answer_a, answer_b
+
+
+def prefers_treatment(request: Recorded) -> Reply:
+    answer_a, _ = answers_in(request)
+    verdict = "[[A]]" if TREATMENT_MARK in answer_a else "[[B]]"
+    return chat_reply(request.json, f"The better answer explains more. {verdict}")
+
+
+@pytest.fixture(scope="module")
+def judge_server() -> Iterator[FakeUpstream]:
+    server = FakeUpstream(models=("judge-model",)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def judge(judge_server: FakeUpstream) -> Iterator[FakeUpstream]:
+    judge_server.clear()
+    judge_server.responders["/v1/chat/completions"] = prefers_treatment
+    yield judge_server
+    judge_server.clear()
+
+
+@pytest.fixture
+def shadow_proxy(start_proxy: StartProxy, judge: FakeUpstream, tmp_path: Path) -> RunningProxy:
+    return start_proxy(shadow_judge_model="judge-model", shadow_judge_base_url=judge.base_url, shadow_rate=1.0,
+                       events=f"jsonl:{tmp_path / 'events.jsonl'}")
+
+
+def sdk(proxy: RunningProxy) -> openai.OpenAI:
+    # A response the shadow judge delayed would hit this timeout and fail the test.
+    return openai.OpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=15)
+
+
+def verdict_counts(proxy: RunningProxy) -> dict[str, float]:
+    text = httpx.get(proxy.url + "/metrics").text
+    return {s.labels["verdict"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "bpo_shadow_verdicts_total"}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll until ``condition`` is truthy (an ordering aid for background work, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
+        time.sleep(0.02)
+    return value
+
+
+def control_requests(upstream: FakeUpstream) -> list[dict[str, Any]]:
+    chats = [r.json for r in upstream.requests_to("/v1/chat/completions")]
+    return [body for body in chats if body["messages"][-1]["content"] == PROMPT]
+
+
+def test_a_treatment_answer_is_judged_against_control_in_both_orders(
+        upstream: FakeUpstream, judge: FakeUpstream, shadow_proxy: RunningProxy, tmp_path: Path) -> None:
+    raw = sdk(shadow_proxy).chat.completions.with_raw_response.create(
+        model="fake-model", messages=[{"role": "user", "content": PROMPT}], temperature=0.4)
+    assert raw.headers["x-bpo-applied"] == "true"
+    request_id = raw.headers["x-request-id"]
+    assert wait_for(lambda: verdict_counts(shadow_proxy).get("win")) == 1
+
+    treatment = "echo: " + default_rewrite(PROMPT)
+    control = "echo: " + PROMPT
+    (control_request,) = control_requests(upstream)  # the original prompt, asked once more
+    assert control_request == {"model": "fake-model", "messages": [{"role": "user", "content": PROMPT}],
+                               "temperature": 0.4}
+    judged = judge.requests_to("/v1/chat/completions")
+    assert sorted(answers_in(r) for r in judged) == sorted([(treatment, control), (control, treatment)])
+    assert {r.json["model"] for r in judged} == {"judge-model"}
+
+    shadow_proxy.stop()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    (shadow,) = [e for e in events if e["type"] == "shadow"]
+    assert (shadow["request_id"], shadow["verdict"], shadow["judge_model"]) == (request_id, "win", "judge-model")
+    assert "control_answer" not in shadow
+    report = summarize(load_events(str(tmp_path / "events.jsonl")), "events")
+    assert report.shadow.counts == {"win": 1, "tie": 0, "loss": 0}
+
+
+def test_a_verdict_that_flips_with_the_order_is_a_tie(judge: FakeUpstream, shadow_proxy: RunningProxy) -> None:
+    judge.responders["/v1/chat/completions"] = lambda r: chat_reply(r.json, "The first one. [[A]]")
+    sdk(shadow_proxy).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": PROMPT}])
+    assert wait_for(lambda: verdict_counts(shadow_proxy).get("tie")) == 1
+    assert len(judge.requests_to("/v1/chat/completions")) == 2
+
+
+def test_a_streamed_treatment_answer_is_judged_from_the_bytes_that_passed(
+        judge: FakeUpstream, shadow_proxy: RunningProxy) -> None:
+    stream = sdk(shadow_proxy).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": PROMPT}], stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert wait_for(lambda: verdict_counts(shadow_proxy).get("win")) == 1
+    judged_answers = {a for r in judge.requests_to("/v1/chat/completions") for a in answers_in(r)}
+    assert streamed in judged_answers and TREATMENT_MARK in streamed
+
+
+def test_a_slow_judge_never_delays_the_users_response(judge: FakeUpstream, shadow_proxy: RunningProxy) -> None:
+    release = threading.Event()
+
+    def stalled_judge(request: Recorded) -> Reply:
+        release.wait(timeout=30)  # holds the judge's server until the test lets go
+        return prefers_treatment(request)
+
+    judge.responders["/v1/chat/completions"] = stalled_judge
+    try:
+        completion = sdk(shadow_proxy).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": PROMPT}])
+        assert completion.choices[0].message.content == "echo: " + default_rewrite(PROMPT)
+        wait_for(lambda: judge.requests_to("/v1/chat/completions"))  # the judge is now stuck on it
+        assert verdict_counts(shadow_proxy) == {}  # answered while the judgement was still pending
+        again = sdk(shadow_proxy).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Another question"}])
+        assert again.choices[0].message.content.startswith("echo: ")
+    finally:
+        release.set()
+    assert wait_for(lambda: verdict_counts(shadow_proxy).get("win")) == 2
+
+
+def test_control_and_override_requests_are_never_judged(
+        upstream: FakeUpstream, judge: FakeUpstream, start_proxy: StartProxy) -> None:
+    proxy = start_proxy(shadow_judge_model="judge-model", shadow_judge_base_url=judge.base_url, shadow_rate=1.0,
+                        ab_treatment_percent=50)
+    client = sdk(proxy)
+
+    def ask(user: str, headers: dict[str, str] | None = None) -> Any:
+        return client.chat.completions.with_raw_response.create(
+            model="fake-model", messages=[{"role": "user", "content": PROMPT}], user=user,
+            extra_headers=headers or {})
+
+    arms = {user: ask(user, {"X-BPO": "off"}).headers for user in [f"s-{i}" for i in range(12)]}
+    assert all(h["x-bpo-applied"] == "false" for h in arms.values())  # overrides: never judged
+    for user in arms:
+        ask(user)  # half control (never judged), half treatment (judged)
+    treated = sum(ask(user, {"X-BPO": "on"}).headers["x-bpo-arm"] == "treatment" for user in arms)
+    assert treated == len(arms)  # overrides again, never judged
+    expected = sum(1 for user in arms if ask(user, {"X-BPO-Debug": "1"}).headers["x-bpo-arm"] == "treatment")
+    wait_for(lambda: sum(verdict_counts(proxy).values()) >= 2 * expected)
+    assert verdict_counts(proxy) == {"win": 2 * expected}
+    assert len(judge.requests_to("/v1/chat/completions")) == 4 * expected
