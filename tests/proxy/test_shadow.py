@@ -28,6 +28,8 @@ TREATMENT, CONTROL = "the detailed treatment answer", "the plain control answer"
 
 
 class RecordingSink:
+    enabled = True
+
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
