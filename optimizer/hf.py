@@ -1,0 +1,292 @@
+"""``hf:`` backend: a transformers causal LM loaded in-process, with dynamic batching on one worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from optimizer.base import (
+    Mode,
+    OptimizerError,
+    OptimizerOptions,
+    OptimizerStatus,
+    OptimizerUnavailable,
+    Rewrite,
+    State,
+)
+from optimizer.batching import DynamicBatcher
+from optimizer.identity import hf_identity
+from optimizer.template import BANNED_STRINGS, DECODING, build_prompt, clean_output
+
+log = logging.getLogger("bpo.optimizer.hf")
+
+INSTALL_HINT = "install the GPU extra: pip install 'bpo-proxy[gpu]' (or use --optimizer remote:URL, llm:MODEL or none)"
+
+
+class ModelLoadError(OptimizerError):
+    """The model cannot be loaded; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    text: str
+    mode: Mode
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with the token ids the decoding modes need."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    identity: str
+    eos_ids: list[int]
+    newline_ids: list[int]
+    bad_words_ids: list[list[int]]
+
+
+Loader = Callable[[str, OptimizerOptions], LoadedModel]
+
+
+def pick_device(requested: str | None) -> str:
+    import torch
+
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def pick_dtype(device: str) -> Any:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.startswith("mps") else torch.float32
+
+
+def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
+    """Load ``target`` (a local dir or hub id); every failure becomes a :class:`ModelLoadError` saying why."""
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise ModelLoadError(f"hf:{target} needs torch and transformers ({exc.name} is missing): "
+                             f"{INSTALL_HINT}") from exc
+    device = options.device or "?"
+    try:
+        device = pick_device(options.device)
+        dtype = pick_dtype(device)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(target)
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        model = model.to(device).eval()
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelLoadError(_out_of_memory(target, device, exc)) from exc
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load hf:{target}: {_first_line(exc)}. Point --optimizer hf: at a local model directory, "
+            "or make the Hugging Face hub reachable (HF_TOKEN for gated models; HF_HUB_OFFLINE=1 to use the "
+            "local cache only)") from exc
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if "out of memory" in str(exc).lower():
+            raise ModelLoadError(_out_of_memory(target, device, exc)) from exc
+        raise ModelLoadError(f"cannot load hf:{target} on {device}: {_first_line(exc)}") from exc
+    return prepare_loaded(target, model, tokenizer, device, str(dtype).removeprefix("torch."))
+
+
+def _out_of_memory(target: str, device: str, exc: BaseException) -> str:
+    return (f"not enough memory to load hf:{target} on {device} ({_first_line(exc)}): free memory, use a "
+            "smaller model, or choose another device with --optimizer-device")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def prepare_loaded(target: str, model: Any, tokenizer: Any, device: str, dtype: str) -> LoadedModel:
+    """Wrap a loaded model and tokenizer for generation (custom loaders build on this too)."""
+    tokenizer.padding_side = "left"  # decoder-only batches grow to the right
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype,
+        identity=hf_identity(target, getattr(model.config, "_commit_hash", None)),
+        eos_ids=eos_ids, newline_ids=newline_token_ids(tokenizer), bad_words_ids=banned_word_ids(tokenizer))
+
+
+def newline_token_ids(tokenizer: Any) -> list[int]:
+    """Every token whose text holds a line break: aggressive mode stops on any of them, as on EOS."""
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, piece in enumerate(pieces) if "\n" in piece]
+
+
+def banned_word_ids(tokenizer: Any) -> list[list[int]]:
+    """Token sequences of the banned markers, at a word start and mid-text (tokenizers differ there)."""
+    variants = [*BANNED_STRINGS, *(" " + s for s in BANNED_STRINGS)]
+    encoded = tokenizer(variants, add_special_tokens=False).input_ids
+    return [list(ids) for ids in dict.fromkeys(tuple(ids) for ids in encoded) if ids]
+
+
+def generate_batch(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
+                   abandoned: Callable[[int], bool]) -> list[str | BaseException]:
+    """One ``generate`` call for requests of one mode; runs on the batcher's worker thread."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            return _generate(loaded, options, requests, abandoned)
+    except torch.cuda.OutOfMemoryError as exc:
+        error = OptimizerError(f"out of memory generating {len(requests)} rewrites: lower "
+                               "--optimizer-max-batch-size or --optimizer-max-new-tokens")
+        error.__cause__ = exc
+        return [error] * len(requests)
+
+
+def _generate(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
+              abandoned: Callable[[int], bool]) -> list[str | BaseException]:
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from optimizer.hf_decoding import AbandonedRows
+
+    mode = requests[0].mode
+    tokenizer = loaded.tokenizer
+    inputs = tokenizer([build_prompt(r.text) for r in requests], return_tensors="pt", padding=True)
+    inputs = inputs.to(loaded.model.device)
+    prompt_length = int(inputs["input_ids"].shape[1])
+    kwargs = generation_kwargs(loaded, options, requests, prompt_length)
+    kwargs["logits_processor"] = LogitsProcessorList(kwargs.pop("logits_processor"))
+    kwargs["stopping_criteria"] = StoppingCriteriaList([AbandonedRows(abandoned, len(requests))])
+    output = loaded.model.generate(**inputs, **kwargs)
+    texts = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+    return [clean_output(text, mode) for text in texts]
+
+
+def generation_kwargs(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
+                      prompt_length: int) -> dict[str, Any]:
+    """The ``generate`` arguments of one batch: the mode's sampling settings and its stop rules."""
+    from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, row_seed
+
+    mode = requests[0].mode
+    decoding = DECODING[mode]
+    max_new_tokens = max(1, options.max_new_tokens)
+    stop_ids = loaded.eos_ids + (loaded.newline_ids if decoding.stop_at_newline else [])
+    processors: list[Any] = []
+    kwargs: dict[str, Any] = {
+        "do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
+        "max_new_tokens": max_new_tokens, "eos_token_id": stop_ids,
+        "pad_token_id": loaded.tokenizer.pad_token_id,
+    }
+    if decoding.min_extra_tokens is not None:
+        kwargs["bad_words_ids"] = loaded.bad_words_ids
+        lengths = [len(ids) for ids in loaded.tokenizer([r.text for r in requests], add_special_tokens=False).input_ids]
+        minimums = [min(length + decoding.min_extra_tokens, max_new_tokens) for length in lengths]
+        processors.append(RowMinNewTokens(prompt_length, minimums, stop_ids))
+    if options.seed is not None:
+        seeds = [row_seed(options.seed, mode, r.text) for r in requests]
+        # top_k stays the model's default (50 for most), as in the reference; the seeded sampler follows it.
+        top_k = loaded.model.generation_config.top_k
+        processors.append(SeededRowSampler(seeds, decoding.temperature, decoding.top_p, top_k, loaded.model.device))
+    kwargs["logits_processor"] = processors
+    return kwargs
+
+
+class HFOptimizer:
+    """The BPO model in-process. ``start()`` loads it on a thread; requests meanwhile are unavailable."""
+
+    def __init__(self, target: str, options: OptimizerOptions, *, loader: Loader = load_model) -> None:
+        self.target = target
+        self.options = options
+        self._loader = loader
+        self._identity = f"hf:{target}@pending"
+        self._state: State = "loading"
+        self._detail = f"loading {target}"
+        self._loaded: LoadedModel | None = None
+        self._batcher: DynamicBatcher[GenerationRequest, str] | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def status(self) -> OptimizerStatus:
+        return OptimizerStatus(self._state, self._identity, self._detail)
+
+    async def start(self) -> None:
+        if self._load_task is None:
+            self._load_task = asyncio.create_task(self._load(), name=f"bpo-load-{self.target}")
+
+    async def wait_loaded(self) -> OptimizerStatus:
+        """Wait for the background load to end (ready or failed); ``start()`` first."""
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+        return self.status()
+
+    async def optimize(self, text: str, mode: Mode) -> Rewrite:
+        batcher = self._batcher
+        if batcher is None:
+            raise OptimizerUnavailable(f"hf optimizer is {self._state}: {self._detail}")
+        rewrite = await batcher.submit(GenerationRequest(text, mode))
+        return Rewrite(rewrite, self._identity)
+
+    async def close(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            await asyncio.to_thread(batcher.close)
+        if self._loaded is not None:
+            self._loaded = None
+            _release_device_memory()
+        if self._state != "failed":
+            self._state, self._detail = "failed", "closed"
+
+    async def _load(self) -> None:
+        try:
+            loaded = await asyncio.to_thread(self._loader, self.target, self.options)
+        except ModelLoadError as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:  # an unforeseen loader fault still leaves the proxy passing through
+            log.exception("loading hf:%s failed", self.target)
+            self._fail(f"cannot load hf:{self.target}: {type(exc).__name__}: {exc}")
+            return
+        self._loaded = loaded
+        self._batcher = DynamicBatcher(
+            functools.partial(generate_batch, loaded, self.options),
+            max_batch_size=self.options.max_batch_size, max_wait_ms=self.options.max_wait_ms,
+            key=lambda request: request.mode, on_batch=self.options.on_batch,
+            name=f"bpo-generate-{loaded.identity}")
+        self._identity = loaded.identity
+        self._state, self._detail = "ready", f"{self.target} on {loaded.device} ({loaded.dtype})"
+        log.info("optimizer %s ready on %s", self._identity, loaded.device)
+
+    def _fail(self, detail: str) -> None:
+        self._state, self._detail = "failed", detail
+        log.warning("optimizer hf:%s failed to load: %s", self.target, detail)
+
+
+def _release_device_memory() -> None:
+    with contextlib.suppress(ImportError):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
