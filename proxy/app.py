@@ -76,22 +76,15 @@ def create_app(settings: Settings) -> Starlette:
                                    ForwardingControlClient(settings, state.http, providers))
         state.chat = ChatService(settings, pipeline, state.http, providers, ArmAssigner(settings),
                                  metrics, state.events, state.recent_requests, state.shadow)
-        await state.http.start()
-        await state.cache.start()
-        await state.events.start()
-        await state.shadow.start()
-        await state.optimizer.start()
-        if settings.require_optimizer:
-            await _require(state.optimizer)
-        _warn_if_failed(state.optimizer)
-        try:
+        async with contextlib.AsyncExitStack() as services:
+            # Started in order, closed in reverse: the shadow judge's verdicts still reach the events sink.
+            for service in (state.http, state.cache, state.events, state.shadow, state.optimizer):
+                await service.start()
+                services.push_async_callback(service.close)
+            if settings.require_optimizer:
+                await _require(state.optimizer)
+            _warn_if_failed(state.optimizer)
             yield
-        finally:
-            await state.optimizer.close()
-            await state.shadow.close()  # its verdicts still reach the events sink
-            await state.events.close()
-            await state.cache.close()
-            await state.http.close()
 
     app = Starlette(routes=routes(), lifespan=lifespan,
                     exception_handlers={ProxyError: _proxy_error, Exception: _unexpected})
@@ -102,6 +95,7 @@ async def _require(optimizer: Optimizer) -> None:
     await wait_until_loaded(optimizer)
     status = optimizer.status()
     if status.state != "ready":
+        log.error("--require-optimizer: optimizer %s is %s: %s", status.optimizer, status.state, status.detail)
         raise StartupError(f"--require-optimizer: optimizer {status.optimizer} is {status.state}: {status.detail}")
 
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +57,9 @@ def combine(outcomes: Sequence[Outcome]) -> tuple[bool, str | None, str]:
     return applied, reason, cache
 
 
-def request_id_for(request: Request) -> str:
-    offered = request.headers.get("x-request-id", "")
-    return offered if _CLIENT_REQUEST_ID.match(offered) else "req_" + uuid.uuid4().hex
+def request_id_for(headers: Mapping[str, str]) -> str:
+    offered = headers.get("x-request-id", "")
+    return offered if _CLIENT_REQUEST_ID.match(offered) else "req_" + secrets.token_hex(16)
 
 
 def api_key_of(headers: Mapping[str, str]) -> str | None:
@@ -86,18 +86,20 @@ class ChatService:
 
     async def handle(self, request: Request) -> Response:
         arrived = time.perf_counter()
-        request_id = request_id_for(request)
+        # One pass over the raw headers; starlette's Headers scans the whole list on every lookup.
+        headers = dict(request.headers.items())
+        request_id = request_id_for(headers)
         try:
-            return await self._serve(request, request_id, arrived)
+            return await self._serve(request, headers, request_id, arrived)
         except ProxyError as exc:
             response = exc.response()
             response.headers["x-request-id"] = request_id
             return response
 
-    async def _serve(self, request: Request, request_id: str, arrived: float) -> Response:
+    async def _serve(self, request: Request, headers: dict[str, str], request_id: str,
+                     arrived: float) -> Response:
         raw = await read_body(request, self.settings.max_body_bytes)
-        chat = parse_chat_request(raw, request.headers.get("content-type"))
-        headers = request.headers
+        chat = parse_chat_request(raw, headers.get("content-type"))
         api_key = api_key_of(headers)
         decision = self.assigner.decide(chat.body, headers, api_key)
         target = resolve_target(self.settings, chat.model)
@@ -134,6 +136,8 @@ class ChatService:
         optimizer = self.pipeline.optimizer.identity
         if not decision.optimize:
             return Rewritten(None, False, decision.reason, "off", optimizer, None)
+        if self.pipeline.optimizer.status().state == "disabled":  # --optimizer none
+            return Rewritten(None, False, "disabled", "off", optimizer, None)
         turn = find_last_user_text(chat.body["messages"])
         if turn is None:
             return Rewritten(None, False, NOT_USER_TURN, "off", optimizer, None)
@@ -186,17 +190,11 @@ class ChatService:
         """Metrics and one event per request; runs when the response (or stream) is complete."""
         arm = decision.stats_arm
         total = time.perf_counter() - arrived
-        m = self.metrics
-        m.requests.labels(arm=arm, applied=str(rewritten.applied).lower(), reason=rewritten.reason or "").inc()
-        m.request_seconds.labels(arm=arm).observe(total)
-        m.upstream_seconds.labels(arm=arm).observe(exchange.upstream_seconds)
-        usage = exchange.usage or {}
-        for kind in ("prompt", "completion"):
-            tokens = usage.get(f"{kind}_tokens")
-            if isinstance(tokens, int) and tokens > 0:
-                m.upstream_tokens.labels(arm=arm, kind=kind).inc(tokens)
+        self.metrics.observe_request(arm, rewritten.applied, rewritten.reason or "", total,
+                                     exchange.upstream_seconds, exchange.usage)
         self.recent.remember(request_id, arm)
-        self.events.emit(self._event(request_id, chat, decision, rewritten, exchange, total, sent - arrived))
+        if self.events.enabled:
+            self.events.emit(self._event(request_id, chat, decision, rewritten, exchange, total, sent - arrived))
 
     def _event(self, request_id: str, chat: ChatRequest, decision: ArmDecision, rewritten: Rewritten,
                exchange: Exchange, total: float, overhead: float) -> dict[str, Any]:

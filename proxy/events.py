@@ -29,6 +29,8 @@ class SinkError(Exception):
 class EventSink(Protocol):
     """Where events go. ``emit`` never blocks and never raises; writes happen in the background."""
 
+    enabled: bool  # False when events are dropped anyway: callers skip building them
+
     def emit(self, event: dict[str, Any]) -> None: ...
 
     async def start(self) -> None: ...
@@ -40,6 +42,8 @@ class EventSink(Protocol):
 
 class NullSink:
     """``--events none``: events are dropped."""
+
+    enabled = False
 
     def emit(self, event: dict[str, Any]) -> None:
         return None
@@ -63,6 +67,8 @@ class BufferedSink:
     (``bpo_fail_open_total{component="events"}``) rather than growing memory without limit.
     ``emit`` must be called from the event loop thread that ran ``start``.
     """
+
+    enabled = True
 
     component = "events"
 

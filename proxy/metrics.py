@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -55,6 +57,27 @@ class Metrics:
         self.shadow_skipped = Counter("bpo_shadow_skipped_total",
                                       "Sampled treatment requests not judged (budget, busy, incomplete, ...)",
                                       ["reason"], registry=r)
+
+        # Labelled children, looked up once: labels() takes a lock and builds a key on every call.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_request(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
+                        usage: Mapping[str, Any] | None) -> None:
+        """One finished chat completion: counters, latencies and the upstream's token usage."""
+        self._child(self.requests, arm, "true" if applied else "false", reason).inc()
+        self._child(self.request_seconds, arm).observe(seconds)
+        self._child(self.upstream_seconds, arm).observe(upstream_seconds)
+        for kind in ("prompt", "completion"):
+            tokens = (usage or {}).get(f"{kind}_tokens")
+            if isinstance(tokens, int) and tokens > 0:
+                self._child(self.upstream_tokens, arm, kind).inc(tokens)
 
     def exposition(self) -> bytes:
         """The text exposition; merges worker processes when PROMETHEUS_MULTIPROC_DIR is set."""

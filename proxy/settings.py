@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "BPO_"
+LITELLM_SECTIONS = frozenset({"model_list", "litellm_settings", "general_settings", "router_settings",
+                              "environment_variables"})
 
 
 class SettingsError(ValueError):
@@ -172,8 +174,11 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise SettingsError(f"--config: {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise SettingsError(f"--config: {path} must hold a mapping")
-    # LiteLLM configs keep proxy settings under general_settings / bpo_settings; accept both.
-    values = dict(raw.get("bpo_settings") or raw.get("general_settings") or {})
+    # A LiteLLM proxy config loads as it is: its sections are read (model_list) or left to litellm.
+    stray = sorted(set(raw) - set(FIELDS) - LITELLM_SECTIONS - {"bpo_settings"})
+    if stray:
+        raise SettingsError(f"--config: unknown key(s) {', '.join(stray)} in {path}")
+    values = dict(raw.get("bpo_settings") or {})
     values.update({k: v for k, v in raw.items() if k in FIELDS and k != "model_list"})
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
@@ -208,7 +213,7 @@ def _resolve_env_refs(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate(settings: Settings) -> None:
     checks = [
-        (1 <= settings.port <= 65535, "port", "must be between 1 and 65535"),
+        (0 <= settings.port <= 65535, "port", "must be between 0 and 65535 (0: any free port)"),
         (settings.optimizer_timeout > 0, "optimizer_timeout", "must be positive"),
         (settings.upstream_timeout > 0, "upstream_timeout", "must be positive"),
         (settings.max_prompt_chars > 0, "max_prompt_chars", "must be positive"),

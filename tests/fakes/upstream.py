@@ -111,10 +111,20 @@ def completion_reply(body: dict[str, Any], rewrite: Callable[[str], str] = defau
     prompt = str(body.get("prompt", ""))
     inner = prompt.split(TEMPLATE_HEAD, 1)[-1].rsplit(" [/INST]", 1)[0]
     text = " " + rewrite(inner)
+    if body.get("stream"):
+        return Reply(sse=[_completion_chunk(body, piece + " ") for piece in text.split(" ")]
+                     + [_completion_chunk(body, "", "stop"), b"data: [DONE]\n\n"])
     return Reply(json={"id": "cmpl-fake", "object": "text_completion", "created": 1700000000,
                        "model": body.get("model", "bpo-fake"),
                        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
                        "usage": {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}})
+
+
+def _completion_chunk(body: dict[str, Any], text: str, finish: str | None = None) -> bytes:
+    payload = {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000,
+               "model": body.get("model", "bpo-fake"),
+               "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 class FakeUpstream:

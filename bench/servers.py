@@ -1,0 +1,78 @@
+"""Servers the benchmarks start as processes: a lean fake upstream and the reference passthrough.
+
+``python bench/servers.py upstream --port P`` answers every chat completion with a fixed small JSON body
+(aiohttp.web, so the upstream itself is never the slowest part).
+``python bench/servers.py passthrough --port P --upstream URL`` is the reference the issue measures against:
+a ~30-line Starlette app that reads the body, POSTs it with one pooled aiohttp client and returns the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+CHAT_RESPONSE = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "fake-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the bench upstream."},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}}).encode()
+
+COMPLETION_RESPONSE = json.dumps({
+    "id": "cmpl-bench", "object": "text_completion", "created": 1700000000, "model": "bpo-bench",
+    "choices": [{"index": 0, "text": " Say hello, in one friendly sentence, to the reader of this benchmark.",
+                 "finish_reason": "stop"}]}).encode()
+
+
+def run_upstream(port: int) -> None:
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=CHAT_RESPONSE, content_type="application/json")
+
+    async def completion(request: web.Request) -> web.Response:  # the optimizer, for cache-hit runs
+        await request.read()
+        return web.Response(body=COMPLETION_RESPONSE, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completion)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def run_passthrough(port: int, upstream: str) -> None:
+    import aiohttp
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    session: dict[str, aiohttp.ClientSession] = {}
+
+    async def chat(request: Request) -> Response:
+        body = await request.body()
+        async with session["client"].post(upstream + "/chat/completions", data=body,
+                                          headers={"content-type": "application/json"}) as answer:
+            payload = await answer.read()
+            return Response(payload, status_code=answer.status, media_type=answer.content_type)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        session["client"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await session["client"].close()
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", choices=("upstream", "passthrough"))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", default="")
+    args = parser.parse_args()
+    run_upstream(args.port) if args.role == "upstream" else run_passthrough(args.port, args.upstream)

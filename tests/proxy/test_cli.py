@@ -1,0 +1,84 @@
+"""``bpo`` as users run it: a real process, its help, its exit codes, its graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.proxy_server import REPO, ProxyProcess
+from tests.fakes.upstream import FakeUpstream, Reply
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def bpo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env or ENV, timeout=60)
+
+
+def test_help_lists_every_command_of_the_interface() -> None:
+    result = bpo("--help")
+    assert result.returncode == 0
+    for command in ("serve", "rewrite", "data", "train", "eval", "ab"):
+        assert command in result.stdout
+    serve_help = bpo("serve", "--help").stdout
+    for flag in ("--host", "--port", "--config", "--upstream-base-url", "--optimizer", "--cache",
+                 "--ab-treatment-percent", "--events", "BPO_UPSTREAM_BASE_URL"):
+        assert flag in serve_help
+
+
+def test_a_bad_setting_exits_2_with_a_message_naming_it() -> None:
+    result = bpo("serve", "--cache", "memcached://x")
+    assert result.returncode == 2
+    assert "--cache" in result.stderr and "Traceback" not in result.stderr
+    result = bpo("serve", env={**ENV, "BPO_PORT": "not-a-port"})
+    assert result.returncode == 2 and "BPO_PORT" in result.stderr
+
+
+def test_serve_process_proxies_with_settings_from_the_environment(upstream: FakeUpstream) -> None:
+    proxy = ProxyProcess(["--optimizer", f"remote:{upstream.base_url}"],
+                         env={"BPO_UPSTREAM_BASE_URL": upstream.base_url, "BPO_CACHE": "none"}).start()
+    try:
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="k", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="fake-model", messages=[{"role": "user", "content": "Tell a joke"}])
+        assert raw.headers["x-bpo-applied"] == "true" and raw.headers["x-bpo-cache"] == "off"
+    finally:
+        output = proxy.stop()
+    assert "Tell a joke" not in output  # prompt text never reaches the logs at INFO
+
+
+def test_shutdown_drains_an_in_flight_stream(upstream: FakeUpstream) -> None:
+    chunks = [b"data: {\"n\": %d}\n\n" % i for i in range(20)] + [b"data: [DONE]\n\n"]
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(sse=chunks, chunk_delay=0.05)
+    proxy = ProxyProcess(["--optimizer", "none", "--upstream-base-url", upstream.base_url]).start()
+    received: list[bytes] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+        with httpx.stream("POST", proxy.base_url + "/chat/completions", json=body, timeout=20) as response:
+            for chunk in response.iter_raw():
+                started.set()
+                received.append(chunk)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert started.wait(10)
+    proxy.stop()  # SIGTERM while the stream is still going
+    reader.join(20)
+    assert b"".join(received) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("spec", ["hf:/nonexistent/model-dir"])
+def test_require_optimizer_fails_start_when_it_cannot_load(spec: str, upstream: FakeUpstream) -> None:
+    result = bpo("serve", "--optimizer", spec, "--require-optimizer", "--upstream-base-url", upstream.base_url,
+                 "--port", "0")
+    assert result.returncode != 0
+    assert "require-optimizer" in result.stderr + result.stdout

@@ -1,0 +1,118 @@
+"""Bad input and upstream failures: OpenAI-shaped errors with the right status, never a 500."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.proxy_server import RunningProxy
+from tests.fakes.upstream import FakeUpstream, Reply
+
+from .conftest import StartProxy
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"model": "fake-model", "messages": [', None),
+    (b'[1, 2]', None),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": 42, "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "fake-model"}', "messages"),
+    (b'{"model": "fake-model", "messages": []}', "messages"),
+    (b'{"model": "fake-model", "messages": ["hi"]}', "messages[0]"),
+    (b'{"model": "fake-model", "messages": [{"content": "hi"}]}', "messages[0].role"),
+    (b'{"model": "fake-model", "messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+    (b'{"model": "fake-model", "messages": [{"role": "user", "content": [{"text": "a"}]}]}',
+     "messages[0].content[0]"),
+    (b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+    (b'\xff\xfe not utf-8', None),
+])
+def test_malformed_requests_get_400(proxy: RunningProxy, upstream: FakeUpstream, body: bytes,
+                                    param: str | None) -> None:
+    response = httpx.post(proxy.base_url + "/chat/completions", content=body,
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, param)
+    assert upstream.requests_to("/v1/chat/completions") == []
+
+
+def test_wrong_content_type_and_bad_header_get_400(proxy: RunningProxy) -> None:
+    response = httpx.post(proxy.base_url + "/chat/completions", content=b"model=x",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_openai_error(response, 400)
+    response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "fake-model", "messages": USER},
+                          headers={"x-bpo": "sometimes"})
+    assert_openai_error(response, 400)
+
+
+def test_oversized_bodies_get_413(start_proxy: StartProxy) -> None:
+    proxy = start_proxy(max_body_bytes=1000)
+    big = {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 2000}]}
+    assert_openai_error(httpx.post(proxy.base_url + "/chat/completions", json=big), 413)
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        yield b'{"model": "fake-model", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"y" * 100
+        yield b'"}]}'
+
+    response = httpx.post(proxy.base_url + "/chat/completions", content=chunks(),
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 413)
+
+
+@pytest.mark.parametrize(("status", "sdk_error"), [
+    (401, openai.AuthenticationError), (404, openai.NotFoundError), (429, openai.RateLimitError),
+    (500, openai.InternalServerError), (503, openai.InternalServerError)])
+def test_upstream_errors_keep_status_and_body(upstream: FakeUpstream, client: openai.OpenAI, proxy: RunningProxy,
+                                              status: int, sdk_error: type[Exception]) -> None:
+    error = {"error": {"message": f"upstream says {status}", "type": "x", "param": None, "code": "c"}}
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(
+        status=status, json=error, headers={"retry-after": "7"} if status == 429 else {})
+    with pytest.raises(sdk_error) as caught:
+        client.chat.completions.create(model="fake-model", messages=USER)
+    assert f"upstream says {status}" in str(caught.value)
+    response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "fake-model", "messages": USER})
+    assert response.status_code == status and response.json() == error
+    if status == 429:
+        assert response.headers["retry-after"] == "7"
+
+
+def test_unreachable_upstream_is_a_502(start_proxy: StartProxy) -> None:
+    proxy = start_proxy(upstream_base_url="http://127.0.0.1:9/v1")
+    response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "m", "messages": USER})
+    assert_openai_error(response, 502)
+
+
+def test_unknown_model_without_upstream_is_a_404(start_proxy: StartProxy) -> None:
+    proxy = start_proxy(upstream_base_url=None)
+    response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "nope", "messages": USER})
+    assert_openai_error(response, 404, "model")
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_client_disconnect_cancels_the_upstream_stream(upstream: FakeUpstream, proxy: RunningProxy) -> None:
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(
+        sse=[b"data: {\"n\": %d}\n\n" % i for i in range(200)], chunk_delay=0.05)
+    before = upstream.disconnects
+    body = {"model": "fake-model", "stream": True, "messages": USER}
+    with httpx.stream("POST", proxy.base_url + "/chat/completions", json=body, timeout=10) as response:
+        first = next(response.iter_raw())
+        assert first.startswith(b"data: ")
+    deadline = time.monotonic() + 5
+    while upstream.disconnects == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.disconnects == before + 1
