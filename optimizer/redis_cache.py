@@ -16,6 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from optimizer.breaker import CircuitBreaker
@@ -100,11 +101,13 @@ class RedisCache:
         self.poll_min, self.poll_max = poll_min, poll_max
         self.breaker = breaker or CircuitBreaker()
         self._on_event = on_event if on_event is not None else _ignore
-        # Short socket timeouts and no client-side retries: a slow Redis must cost one short wait, after
-        # which the breaker takes over; redis-py's default retry would sleep seconds per call.
+        # Short socket timeouts, and no retry of timeouts: a slow Redis must cost one short wait, after
+        # which the breaker takes over (redis-py's default retry would sleep seconds per call). One
+        # immediate retry of connection errors, because after a Redis restart every pooled connection is
+        # stale and fails once; the retry reconnects instead of turning each of them into a miss.
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=op_timeout, socket_connect_timeout=op_timeout, retry=Retry(NoBackoff(), 0),
-            client_name="bpo-cache")
+            url, socket_timeout=op_timeout, socket_connect_timeout=op_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), client_name="bpo-cache")
         self._channel = f"{namespace}:rewrite-done"
         self._flights: SingleFlight[tuple[CachedRewrite, bool]] = SingleFlight()
         self._waiters: dict[str, asyncio.Future[CachedRewrite | None]] = {}

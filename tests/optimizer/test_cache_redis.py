@@ -283,6 +283,21 @@ async def test_redis_killed_then_restarted(own_redis: Any) -> None:
     assert compute.calls == 12
 
 
+async def test_stale_pooled_connections_after_a_restart_are_not_faults(own_redis: Any) -> None:
+    events = Events()
+    writer, reader = make_cache("ns", url=own_redis.url), make_cache("ns", url=own_redis.url, events=events)
+    compute = CountingCompute()
+    async with started(writer, reader):
+        await asyncio.gather(*(reader.get_or_compute(f"warm-{i}", compute) for i in range(4)))  # 4 pooled
+        own_redis.kill()
+        own_redis.start()
+        # First thing after the restart, before the loop has seen the old sockets close.
+        assert (await reader.get_or_compute("first", compute))[1] is False
+        await writer.get_or_compute("shared", compute)
+        assert await reader.get_or_compute("shared", compute) == (compute.values[-1], True)
+    assert events["error"] == 0 and reader.status()["breaker"] == "closed"
+
+
 async def test_redis_paused_costs_short_timeouts_then_nothing(own_redis: Any) -> None:
     events = Events()
     cache = make_cache("ns", url=own_redis.url, events=events, op_timeout=0.1)
