@@ -8,15 +8,13 @@ import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import orjson
-
-from proxy.events import STREAM_FIELD, parse_redis_spec
+from proxy.report_source import EventStream, Loaded, ReportError, is_number, load_events, open_events
 from proxy.stats import (
+    Z_95,
     Interval,
     TestResult,
     mean_interval,
@@ -26,19 +24,10 @@ from proxy.stats import (
     wilson_interval,
 )
 
-EVENT_TYPES = ("request", "feedback", "shadow")
+__all__ = ["Report", "ReportError", "Summary", "load_events", "open_events", "register", "summarize"]
+
 COMPARED_ARMS = ("treatment", "control")
 VERDICTS = ("win", "tie", "loss")
-
-
-class ReportError(Exception):
-    """The events cannot be read (missing file, unreachable Redis, bad spec)."""
-
-
-@dataclass
-class Loaded:
-    events: list[dict[str, Any]]
-    malformed: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,72 +103,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-# -- reading -----------------------------------------------------------------------------------------
-
-
-def load_events(spec: str) -> Loaded:
-    """``jsonl:PATH`` (or a bare path) or ``redis://HOST:PORT/DB[?stream=NAME]``."""
-    if spec.startswith(("redis://", "rediss://")):
-        return _parse_records(_read_redis(spec))
-    path = Path(spec.removeprefix("jsonl:"))
-    try:
-        with path.open("rb") as lines:
-            return _parse_records(lines)
-    except OSError as exc:
-        raise ReportError(f"--events {spec}: cannot read {path}: {exc.strerror}") from exc
-
-
-def _read_redis(spec: str) -> Iterator[bytes]:
-    import redis
-
-    url, stream, _ = parse_redis_spec(spec)
-    client: Any = redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=5.0)
-    start = "-"
-    try:
-        while True:
-            page: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream, min=start, max="+", count=1000)
-            for _entry_id, fields in page:
-                yield fields.get(STREAM_FIELD, b"")
-            if len(page) < 1000:
-                return
-            start = "(" + page[-1][0].decode()
-    except redis.RedisError as exc:
-        raise ReportError(f"--events {spec}: cannot read the stream {stream!r}: {exc}") from exc
-    finally:
-        client.close()
-
-
-def _parse_records(records: Iterable[bytes]) -> Loaded:
-    loaded = Loaded([])
-    for record in records:
-        if not record.strip():
-            continue
-        event = _valid_event(record)
-        if event is None:
-            loaded.malformed += 1
-        else:
-            loaded.events.append(event)
-    return loaded
-
-
-def _valid_event(record: bytes) -> dict[str, Any] | None:
-    try:
-        event = orjson.loads(record)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
-        return None
-    if not isinstance(event.get("request_id"), str):
-        return None
-    if event["type"] == "feedback" and not _is_number(event.get("score")):
-        return None
-    return event
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 # -- summarizing -------------------------------------------------------------------------------------
 
 
@@ -191,46 +114,105 @@ def arm_label(event: dict[str, Any]) -> str:
     return arm if isinstance(arm, str) else "none"
 
 
-def summarize(loaded: Loaded, source: str, experiment: str | None = None) -> Report:
-    requests = [e for e in loaded.events if e["type"] == "request"]
-    experiments = sorted({str(e.get("experiment")) for e in requests if e.get("experiment") is not None})
-    if experiment is not None:
-        requests = [e for e in requests if e.get("experiment") == experiment]
-    arm_of = {e["request_id"]: arm_label(e) for e in requests}
-    scores = _feedback_by_arm(loaded.events, arm_of, joined_only=experiment is not None)
-    scale = _scale(scores)
-    arms = [_arm_summary(arm, [e for e in requests if arm_label(e) == arm], scores.get(arm, []), scale)
-            for arm in _arm_order({*arm_of.values(), *scores})]
-    shadows = [e for e in loaded.events if e["type"] == "shadow"
-               and (experiment is None or e.get("experiment") == experiment)]
-    notes = []
-    if experiment is None and len(experiments) > 1:
-        notes.append(f"events from {len(experiments)} experiments are pooled; pick one with --experiment")
-    return Report(source, experiments, loaded.malformed, arms, scale, _compare(scores, scale),
-                  summarize_shadow(shadows), notes)
+@dataclass
+class _ArmTally:
+    """Running totals of one arm's requests: what is kept per event is two floats, not the event."""
+
+    requests: int = 0
+    errors: int = 0
+    applied: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    latency: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)
+    tokens: Counter[str] = field(default_factory=Counter)
+    with_usage: int = 0
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.requests += 1
+        status = event.get("status")
+        self.errors += not (isinstance(status, int) and 200 <= status < 400)
+        if event.get("applied") is True:
+            self.applied += 1
+        elif event.get("reason"):
+            self.reasons[str(event["reason"])] += 1
+        for key, values in (("latency_ms", self.latency), ("overhead_ms", self.overhead)):
+            if is_number(event.get(key)):
+                values.append(float(event[key]))
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self.with_usage += 1
+            for kind in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                if is_number(usage.get(kind)):
+                    self.tokens[kind] += int(usage[kind])
 
 
-def _feedback_by_arm(events: Sequence[dict[str, Any]], arm_of: dict[str, str],
-                     joined_only: bool) -> dict[str, list[float]]:
-    """One score per request: the last feedback sent for it (a user may change their mind)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for event in sorted((e for e in events if e["type"] == "feedback"), key=lambda e: _time(e)):
-        latest[event["request_id"]] = event
-    scores: dict[str, list[float]] = {}
-    for request_id, event in latest.items():
-        arm = arm_of.get(request_id)
-        if arm is None and joined_only:
-            continue
-        if arm is None:  # the request event lives elsewhere; trust the arm the receiving replica knew
-            known = event.get("arm")
-            arm = known if isinstance(known, str) else "unknown"
-        scores.setdefault(arm, []).append(float(event["score"]))
-    return scores
+class Summary:
+    """Folds a stream of events into a :class:`Report`, holding only what the statistics need."""
+
+    def __init__(self, experiment: str | None = None) -> None:
+        self.experiment = experiment
+        self.experiments: set[str] = set()
+        self.arms: dict[str, _ArmTally] = {}
+        self.arm_of: dict[str, str] = {}
+        self.feedback: dict[str, tuple[float, float, Any]] = {}  # request id -> (time, score, arm field)
+        self.verdicts: Counter[str] = Counter()
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "request":
+            self._add_request(event)
+        elif kind == "feedback":
+            self._add_feedback(event)
+        elif self.experiment is None or event.get("experiment") == self.experiment:
+            self.verdicts[str(event.get("verdict"))] += 1
+
+    def _add_request(self, event: dict[str, Any]) -> None:
+        if event.get("experiment") is not None:
+            self.experiments.add(str(event["experiment"]))
+        if self.experiment is not None and event.get("experiment") != self.experiment:
+            return
+        arm = sys.intern(arm_label(event))
+        self.arm_of[event["request_id"]] = arm
+        tally = self.arms.get(arm)
+        if tally is None:
+            tally = self.arms[arm] = _ArmTally()
+        tally.add(event)
+
+    def _add_feedback(self, event: dict[str, Any]) -> None:
+        """One score per request: the latest one sent for it (a user may change their mind)."""
+        when = float(event["time"]) if is_number(event.get("time")) else 0.0
+        previous = self.feedback.get(event["request_id"])
+        if previous is None or when >= previous[0]:
+            self.feedback[event["request_id"]] = (when, float(event["score"]), event.get("arm"))
+
+    def report(self, source: str, malformed: int) -> Report:
+        scores = self._scores()
+        scale = _scale(scores)
+        arms = [_arm_summary(arm, self.arms.get(arm, _ArmTally()), scores.get(arm, []), scale)
+                for arm in _arm_order({*self.arms, *scores})]
+        notes = []
+        if self.experiment is None and len(self.experiments) > 1:
+            notes.append(f"events from {len(self.experiments)} experiments are pooled; pick one with --experiment")
+        return Report(source, sorted(self.experiments), malformed, arms, scale, _compare(scores, scale),
+                      summarize_shadow(self.verdicts), notes)
+
+    def _scores(self) -> dict[str, list[float]]:
+        scores: dict[str, list[float]] = {}
+        for request_id, (_, score, known) in self.feedback.items():
+            arm = self.arm_of.get(request_id)
+            if arm is None and self.experiment is not None:
+                continue  # cannot tell which experiment it belongs to
+            if arm is None:  # the request event lives elsewhere; trust the arm the receiving replica knew
+                arm = known if isinstance(known, str) else "unknown"
+            scores.setdefault(arm, []).append(score)
+        return scores
 
 
-def _time(event: dict[str, Any]) -> float:
-    value = event.get("time")
-    return float(value) if isinstance(value, (int, float)) else 0.0
+def summarize(events: EventStream | Loaded, source: str, experiment: str | None = None) -> Report:
+    summary = Summary(experiment)
+    for event in events:
+        summary.add(event)
+    return summary.report(source, events.malformed)
 
 
 def _arm_order(arms: Iterable[str]) -> list[str]:
@@ -246,37 +228,21 @@ def _scale(scores: dict[str, list[float]]) -> str:
     return "binary" if all(v in (0.0, 1.0) for v in values) else "numeric"
 
 
-def _arm_summary(arm: str, requests: list[dict[str, Any]], scores: list[float], scale: str) -> ArmSummary:
-    applied = sum(1 for e in requests if e.get("applied") is True)
-    reasons = Counter(str(e.get("reason")) for e in requests if e.get("applied") is not True and e.get("reason"))
+def _arm_summary(arm: str, tally: _ArmTally, scores: list[float], scale: str) -> ArmSummary:
+    total = tally.tokens["total_tokens"]
     return ArmSummary(
         arm=arm,
-        requests=len(requests),
-        errors=sum(1 for e in requests if not _is_number(e.get("status")) or not 200 <= e["status"] < 400),
-        applied=applied,
-        applied_rate=applied / len(requests) if requests else None,
-        reasons=dict(reasons.most_common()),
-        latency_ms=_spread(requests, "latency_ms"),
-        overhead_ms=_spread(requests, "overhead_ms"),
-        tokens=_tokens(requests),
+        requests=tally.requests,
+        errors=tally.errors,
+        applied=tally.applied,
+        applied_rate=tally.applied / tally.requests if tally.requests else None,
+        reasons=dict(tally.reasons.most_common()),
+        latency_ms=Spread(percentile(tally.latency, 50), percentile(tally.latency, 95)),
+        overhead_ms=Spread(percentile(tally.overhead, 50), percentile(tally.overhead, 95)),
+        tokens=Tokens(tally.tokens["prompt_tokens"], tally.tokens["completion_tokens"], total, tally.with_usage,
+                      total / tally.with_usage if tally.with_usage else None),
         feedback=_feedback_summary(scores, scale),
     )
-
-
-def _spread(requests: list[dict[str, Any]], key: str) -> Spread:
-    values = [float(e[key]) for e in requests if _is_number(e.get(key))]
-    return Spread(percentile(values, 50), percentile(values, 95))
-
-
-def _tokens(requests: list[dict[str, Any]]) -> Tokens:
-    usages = [e["usage"] for e in requests if isinstance(e.get("usage"), dict)]
-
-    def total(kind: str) -> int:
-        return sum(int(u[kind]) for u in usages if _is_number(u.get(kind)))
-
-    all_tokens = total("total_tokens")
-    return Tokens(total("prompt_tokens"), total("completion_tokens"), all_tokens, len(usages),
-                  all_tokens / len(usages) if usages else None)
 
 
 def _feedback_summary(scores: list[float], scale: str) -> FeedbackSummary:
@@ -297,9 +263,8 @@ def _compare(scores: dict[str, list[float]], scale: str) -> TestResult | None:
     return None
 
 
-def summarize_shadow(events: Sequence[dict[str, Any]]) -> ShadowSummary:
+def summarize_shadow(verdicts: Mapping[str, int]) -> ShadowSummary:
     """Treatment's win/tie/loss rates with Wilson intervals; failed judgements are counted apart."""
-    verdicts = Counter(e.get("verdict") for e in events)
     counts = {v: verdicts.get(v, 0) for v in VERDICTS}
     judged = sum(counts.values())
     rates = {v: counts[v] / judged if judged else None for v in VERDICTS}
@@ -309,9 +274,9 @@ def summarize_shadow(events: Sequence[dict[str, Any]]) -> ShadowSummary:
         win, loss = counts["win"] / judged, counts["loss"] / judged
         net = win - loss
         # Variance of (win - loss) for one multinomial draw, over n draws.
-        half = 1.959963984540054 * ((win + loss - net * net) / judged) ** 0.5
+        half = Z_95 * math.sqrt((win + loss - net * net) / judged)
         net_interval = Interval(net - half, net + half)
-    return ShadowSummary(judged, len(events) - judged, counts, rates, intervals, net, net_interval)
+    return ShadowSummary(judged, sum(verdicts.values()) - judged, counts, rates, intervals, net, net_interval)
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -333,11 +298,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        loaded = load_events(args.events)
+        report = summarize(open_events(args.events), args.events, args.experiment)
     except ReportError as exc:
         print(f"bpo ab report: {exc}", file=sys.stderr)
         return 2
-    report = summarize(loaded, args.events, args.experiment)
     if args.format == "json":
         print(json.dumps(report.to_json(), indent=2, allow_nan=False))
     else:
