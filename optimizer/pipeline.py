@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from optimizer.base import Mode, Optimizer, OptimizerError, OptimizerUnavailable
 from optimizer.cache import CachedRewrite, RewriteCache, cache_key
@@ -19,7 +19,8 @@ CacheResult = Literal["hit", "miss", "off"]
 # Values of X-BPO-Reason this module decides (the proxy adds disabled, control-arm, not-user-turn).
 TOO_LONG, TIMEOUT, OPTIMIZER_ERROR, OPTIMIZER_UNAVAILABLE = (
     "too-long", "timeout", "optimizer-error", "optimizer-unavailable")
-GUARD_REJECTED, UNCHANGED = "guard-rejected", "unchanged"
+GUARD_REJECTED: Final = "guard-rejected"
+UNCHANGED: Final = "unchanged"
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,11 @@ class ChatService:
         self.metrics.observe_request(arm, rewritten.applied, rewritten.reason or "", total,
                                      exchange.upstream_seconds, exchange.usage)
         self.recent.remember(request_id, arm)
+        if log.isEnabledFor(logging.INFO):  # never the prompt: it may hold personal data
+            log.info("chat completion", extra={
+                "request_id": request_id, "model": chat.model, "status": exchange.status, "arm": arm,
+                "applied": rewritten.applied, "reason": rewritten.reason, "cache": rewritten.cache,
+                "latency_ms": round(total * 1000, 2)})
         if self.events.enabled:
             self.events.emit(self._event(request_id, chat, decision, rewritten, exchange, total, sent - arrived))
 

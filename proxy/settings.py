@@ -153,9 +153,11 @@ def load_settings(
     flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Merge defaults < config YAML < environment < flags, then validate."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None and k in FIELDS}
+    flags = {k: v for k, v in (flags or {}).items()
+             if v is not None and k in FIELDS and not FIELDS[k].metadata.get("config_only")}
     environ = os.environ if environ is None else environ
-    env_values = {n: _coerce(n, environ[env_name(n)], env_name(n)) for n in FIELDS if env_name(n) in environ}
+    env_values = {n: _coerce(n, environ[env_name(n)], env_name(n)) for n, f in FIELDS.items()
+                  if env_name(n) in environ and not f.metadata.get("config_only")}
     config_path = flags.get("config") or env_values.get("config")
     values: dict[str, Any] = _read_config(Path(config_path)) if config_path else {}
     values.update(env_values)

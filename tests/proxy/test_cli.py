@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,9 +50,14 @@ def test_serve_process_proxies_with_settings_from_the_environment(upstream: Fake
         raw = client.chat.completions.with_raw_response.create(
             model="fake-model", messages=[{"role": "user", "content": "Tell a joke"}])
         assert raw.headers["x-bpo-applied"] == "true" and raw.headers["x-bpo-cache"] == "off"
+        request_id = raw.headers["x-request-id"]
     finally:
         output = proxy.stop()
+    logged = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    (entry,) = [e for e in logged if e.get("request_id") == request_id]
+    assert entry["message"] == "chat completion" and entry["status"] == 200 and entry["applied"] is True
     assert "Tell a joke" not in output  # prompt text never reaches the logs at INFO
+    assert "Bearer k" not in output
 
 
 def test_shutdown_drains_an_in_flight_stream(upstream: FakeUpstream) -> None:
