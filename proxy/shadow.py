@@ -278,6 +278,11 @@ class ShadowJudge:
                 yield chunk
             complete = True
         finally:
+            # Close the wrapped relay now (not at garbage collection): its own cleanup cancels the
+            # upstream generation when the client went away.
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
             if complete and size <= MAX_KEPT_ANSWER_BYTES:
                 self._submit_payload(b"".join(kept), job)
             elif not complete:

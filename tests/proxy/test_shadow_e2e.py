@@ -171,3 +171,23 @@ def test_control_and_override_requests_are_never_judged(
     wait_for(lambda: sum(verdict_counts(proxy).values()) >= 2 * expected)
     assert verdict_counts(proxy) == {"win": 2 * expected}
     assert len(judge.requests_to("/v1/chat/completions")) == 4 * expected
+
+
+def test_a_client_that_leaves_a_judged_stream_still_cancels_the_upstream(
+        upstream: FakeUpstream, judge: FakeUpstream, shadow_proxy: RunningProxy) -> None:
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(
+        sse=[b'data: {"choices": [{"index": 0, "delta": {"content": "w "}}]}\n\n'] * 200, chunk_delay=0.05)
+    before = upstream.disconnects
+    body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
+    with httpx.stream("POST", shadow_proxy.base_url + "/chat/completions", json=body, timeout=10) as response:
+        assert response.headers["x-bpo-applied"] == "true"
+        assert next(response.iter_raw()).startswith(b"data: ")
+    wait_for(lambda: upstream.disconnects > before)
+
+    def skipped() -> float:
+        text = httpx.get(shadow_proxy.url + "/metrics").text
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "bpo_shadow_skipped_total" and s.labels == {"reason": "incomplete"})
+
+    assert wait_for(skipped) == 1
+    assert judge.requests_to("/v1/chat/completions") == []  # half an answer is never judged
