@@ -287,7 +287,8 @@ def register(subparsers: Any) -> None:
     ab = subparsers.add_parser("ab", help="A/B experiments: per-arm summary of traffic and feedback")
     ab_commands = ab.add_subparsers(dest="ab_command", metavar="COMMAND", required=True)
     report = ab_commands.add_parser("report", help="per-arm summary of A/B traffic, feedback and shadow verdicts",
-                                    description=__doc__)
+                                    description="Per-arm summary of A/B traffic, user feedback and shadow-judge "
+                                                "verdicts, with a significance test of treatment vs control.")
     report.add_argument("--events", required=True, metavar="SINK",
                         help="where the proxy wrote events: jsonl:PATH (or PATH) | redis://HOST:PORT/DB[?stream=]")
     report.add_argument("--format", choices=("table", "json"), default="table", help="output format")

@@ -9,8 +9,6 @@ from typing import IO, Any
 
 import orjson
 
-from proxy.events import STREAM_FIELD, parse_redis_spec
-
 EVENT_TYPES = ("request", "feedback", "shadow")
 REDIS_PAGE = 1000
 
@@ -92,6 +90,8 @@ def _file_records(lines: IO[bytes]) -> Iterator[bytes]:
 
 def _redis_records(spec: str) -> Iterator[bytes]:
     import redis
+
+    from proxy.events import STREAM_FIELD, parse_redis_spec  # the writer's format; imported on use
 
     url, stream, _ = parse_redis_spec(spec)
     client: Any = redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=5.0)
