@@ -80,6 +80,8 @@ class Settings:
     events_include_text: bool = _opt(False, "record prompt texts in events (off: never)")
     shadow_judge_model: str | None = _opt(None, "litellm model that judges treatment vs control off the request path")
     shadow_judge_base_url: str | None = _opt(None, "OpenAI-compatible base URL for the shadow judge")
+    shadow_judge_api_key: str | None = _opt(
+        None, "API key for the shadow judge (default: litellm's provider variable, e.g. OPENAI_API_KEY)")
     shadow_rate: float = _opt(0.05, "fraction of treatment requests judged in the shadow")
     shadow_max_per_minute: int = _opt(60, "most shadow judgements started per minute")
     admin_key: str | None = _opt(None, "bearer key for /admin/* (admin endpoints are off without it)")

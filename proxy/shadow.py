@@ -190,11 +190,14 @@ def litellm_judge(settings: Settings) -> JudgeCall:
     """A judge call through litellm; a judge base URL means litellm's ``openai/`` provider at that URL."""
     model = settings.shadow_judge_model or ""
     options: dict[str, Any] = {}
+    if settings.shadow_judge_api_key:
+        options["api_key"] = settings.shadow_judge_api_key
     if settings.shadow_judge_base_url:
         model = model if model.startswith("openai/") else f"openai/{model}"
         options["api_base"] = settings.shadow_judge_base_url
-        # OpenAI-compatible judges on a private URL rarely check keys; the client still insists on one.
-        options["api_key"] = settings.upstream_api_key or "EMPTY"
+        # Self-hosted judges rarely check keys, but the OpenAI client insists on one. Never the
+        # upstream's key: the judge may be another party.
+        options.setdefault("api_key", "EMPTY")
 
     async def judge(prompt: str) -> str:
         litellm = load_litellm()

@@ -191,3 +191,17 @@ def test_a_client_that_leaves_a_judged_stream_still_cancels_the_upstream(
 
     assert wait_for(skipped) == 1
     assert judge.requests_to("/v1/chat/completions") == []  # half an answer is never judged
+
+
+@pytest.mark.parametrize(("judge_key", "expected"), [(None, "Bearer EMPTY"), ("sk-judge", "Bearer sk-judge")])
+def test_the_judge_gets_its_own_key_never_the_upstreams(
+        upstream: FakeUpstream, judge: FakeUpstream, start_proxy: StartProxy, judge_key: str | None,
+        expected: str) -> None:
+    proxy = start_proxy(shadow_judge_model="judge-model", shadow_judge_base_url=judge.base_url, shadow_rate=1.0,
+                        shadow_judge_api_key=judge_key, upstream_api_key="sk-upstream")
+    sdk(proxy).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": PROMPT}])
+    wait_for(lambda: verdict_counts(proxy).get("win"))
+    assert {r.headers["authorization"] for r in judge.requests_to("/v1/chat/completions")} == {expected}
+    (control,) = [r for r in upstream.requests_to("/v1/chat/completions")
+                  if r.json["messages"][-1]["content"] == PROMPT]
+    assert control.headers["authorization"] == "Bearer sk-upstream"  # the control call is an upstream call
