@@ -312,5 +312,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from proxy.report_render import plot
 
-        plot(report, args.plot)
+        try:
+            plot(report, args.plot)
+        except ImportError:
+            print("bpo ab report: --plot needs matplotlib: pip install 'bpo-proxy[plot]'", file=sys.stderr)
+            return 2
     return 0
