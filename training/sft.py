@@ -156,7 +156,7 @@ def build_trainer(config: TrainConfig, prepared: Prepared) -> SFTTrainer:
         lr_scheduler_type="linear", warmup_steps=config.warmup_ratio, optim="adamw_torch",
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation, bf16=bf16,
-        gradient_checkpointing=checkpointing, logging_steps=config.logging_steps, logging_first_step=True,
+        activation_checkpointing=checkpointing, dataloader_pin_memory=on_gpu, logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
         eval_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
         deepspeed=deepspeed_config(config.deepspeed), disable_tqdm=True,
@@ -232,6 +232,7 @@ def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: 
         trainer.save_model(str(output))
     if not trainer.is_world_process_zero():
         return
+    (output / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run's config is saved as JSON
     prepared.tokenizer.save_pretrained(output)
     if config.eval_generate and prepared.held_out:
         metrics.update(offline_metrics(model, prepared, config.eval_generate))
