@@ -70,9 +70,8 @@ def decode_value(raw: bytes) -> CachedRewrite | None:
 def redact_url(url: str) -> str:
     """The URL without credentials, for /readyz and logs."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 class RedisCache:
@@ -105,14 +104,18 @@ class RedisCache:
         # which the breaker takes over (redis-py's default retry would sleep seconds per call). One
         # immediate retry of connection errors, because after a Redis restart every pooled connection is
         # stale and fails once; the retry reconnects instead of turning each of them into a miss.
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=op_timeout, socket_connect_timeout=op_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), client_name="bpo-cache")
+        try:
+            self._client = aioredis.Redis.from_url(
+                url, socket_timeout=op_timeout, socket_connect_timeout=op_timeout,
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), client_name="bpo-cache")
+        except ValueError as exc:
+            raise ValueError(f"--cache {self.url}: not a usable Redis URL ({exc})") from exc
         self._channel = f"{namespace}:rewrite-done"
         self._flights: SingleFlight[tuple[CachedRewrite, bool]] = SingleFlight()
         self._waiters: dict[str, asyncio.Future[CachedRewrite | None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = False
+        self.pubsub_drops = 0
         self.errors = 0
         self.corrupt_values = 0
         self.last_error = ""
@@ -142,7 +145,8 @@ class RedisCache:
                 "url": self.url, "namespace": self.namespace, "breaker": breaker,
                 "breaker_opened": self.breaker.opened_count, "errors": self.errors,
                 "last_error": self.last_error, "corrupt_values": self.corrupt_values,
-                "subscribed": self.subscribed, "in_flight": len(self._flights), "local": self.local.status()}
+                "subscribed": self.subscribed, "pubsub_drops": self.pubsub_drops,
+                "in_flight": len(self._flights), "local": self.local.status()}
 
     async def start(self) -> None:
         self._listener = asyncio.ensure_future(self._listen())
@@ -321,9 +325,12 @@ class RedisCache:
                     if message.get("type") == "message":
                         self._deliver(message["data"])
             except REDIS_FAULTS as exc:
-                # Fail open: without the subscription, waiters still find results by polling.
-                log.warning("cache: Redis pub/sub dropped (%s: %s); polling until it returns",
-                            type(exc).__name__, exc)
+                # Fail open: without the subscription, waiters still find results by polling. Warn once
+                # per outage; the reconnect attempts that follow would only repeat it.
+                self.pubsub_drops += 1
+                level = logging.WARNING if self.subscribed else logging.DEBUG
+                log.log(level, "cache: Redis pub/sub dropped (%s: %s); waiters poll until it returns",
+                        type(exc).__name__, exc)
             finally:
                 self.subscribed = False
                 await _close_quietly(pubsub)

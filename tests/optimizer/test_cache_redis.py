@@ -331,3 +331,8 @@ def test_status_hides_credentials() -> None:
     status = cache.status()
     assert status["url"] == "redis://10.0.0.5:6380/2" and "s3cret" not in str(status)
     assert redact_url("rediss://:pw@host/0") == "rediss://host/0"
+
+
+def test_an_unusable_url_fails_at_build_with_the_setting_named() -> None:
+    with pytest.raises(ValueError, match=r"--cache redis://host:port/0: not a usable Redis URL"):
+        build_cache(Settings(cache="redis://user:pw@host:port/0"), Events())
