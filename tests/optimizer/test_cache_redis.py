@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import redis
 
 from optimizer.base import OptimizerError
+from optimizer.breaker import CircuitBreaker
 from optimizer.cache import LocalTier, build_cache, cache_key, tenant_of
 from optimizer.redis_cache import RedisCache, decode_value, encode_value, redact_url
 from proxy.settings import Settings
@@ -218,14 +220,14 @@ async def test_holder_dies_and_a_waiter_takes_over(namespace: str, own_redis: An
     import sys
 
     holder = subprocess.Popen([sys.executable, "-m", "tests.optimizer.cache_helpers", own_redis.url, namespace,
-                               key_for(), "0.4"], stdout=subprocess.PIPE)
+                               key_for(), "1.0"], stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"computing\n"
         cache = make_cache(namespace, url=own_redis.url, poll_max=0.1)
         compute = CountingCompute()
         async with started(cache):
             waiting = asyncio.ensure_future(cache.get_or_compute(key_for(), compute))
-            await asyncio.sleep(1.0)  # 2.5 lock lifetimes: the live holder keeps extending its lock
+            await asyncio.sleep(1.5)  # 1.5 lock lifetimes: the live holder keeps extending its lock
             assert compute.calls == 0 and not waiting.done()
             holder.kill()
             value, hit = await waiting
@@ -255,10 +257,19 @@ async def test_holder_failure_lets_the_other_replica_compute_at_once(namespace: 
     assert working.calls == 1 and value == working.values[0] and not hit
 
 
+async def until_breaker_closes(cache: RedisCache, compute: CountingCompute, timeout: float = 15.0) -> None:
+    """Keep serving new prompts (each may be the breaker's probe) until Redis is back in use."""
+    deadline = time.monotonic() + timeout
+    while cache.status()["breaker"] != "closed":
+        assert time.monotonic() < deadline, "the breaker never closed"
+        await cache.get_or_compute(f"probe-{time.monotonic()}", compute)
+        await asyncio.sleep(0.05)
+
+
 async def test_redis_killed_then_restarted(own_redis: Any) -> None:
     events = Events()
-    cache = make_cache("ns", url=own_redis.url, events=events, poll_max=0.05)
-    cache.breaker.base_cooldown = cache.breaker._cooldown = 0.2
+    cache = make_cache("ns", url=own_redis.url, events=events, poll_max=0.05,
+                       breaker=CircuitBreaker(cooldown_seconds=0.2))
     compute = CountingCompute()
     async with started(cache):
         await cache.get_or_compute("warm", compute)
@@ -273,14 +284,12 @@ async def test_redis_killed_then_restarted(own_redis: Any) -> None:
         assert (await cache.get_or_compute("warm", compute))[1] is True  # the local tier still serves
 
         own_redis.start()
-        await asyncio.sleep(0.25)  # past the breaker's cooldown: the next call probes Redis
+        await until_breaker_closes(cache, compute)
         await cache.get_or_compute("after-restart", compute)
-        assert cache.status()["breaker"] == "closed"
         other = make_cache("ns", url=own_redis.url)
         async with started(other):
             assert (await other.get_or_compute("after-restart", compute))[1] is True
             await until(lambda: cache.subscribed)  # the pub/sub listener reconnected as well
-    assert compute.calls == 12
 
 
 async def test_stale_pooled_connections_after_a_restart_are_not_faults(own_redis: Any) -> None:
@@ -300,7 +309,7 @@ async def test_stale_pooled_connections_after_a_restart_are_not_faults(own_redis
 
 async def test_redis_paused_costs_short_timeouts_then_nothing(own_redis: Any) -> None:
     events = Events()
-    cache = make_cache("ns", url=own_redis.url, events=events, op_timeout=0.1)
+    cache = make_cache("ns", url=own_redis.url, events=events, op_timeout=0.2)
     compute = CountingCompute()
     async with started(cache):
         own_redis.pause()
@@ -309,10 +318,7 @@ async def test_redis_paused_costs_short_timeouts_then_nothing(own_redis: Any) ->
         assert cache.status()["breaker"] == "open" and 3 <= events["error"] < 8
         assert "Timeout" in cache.status()["last_error"]
         own_redis.resume()
-        await asyncio.sleep(0.6)
-        await cache.get_or_compute("after-resume", compute)
-        assert cache.status()["breaker"] == "closed"
-    assert compute.calls == 9
+        await until_breaker_closes(cache, compute)
 
 
 async def test_a_server_speaking_garbage_fails_open(upstream: Any) -> None:
