@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("bpo.optimizer")
 
 MANIFEST_FILE = "bpo_manifest.json"
 # Files whose content decides what a model dir generates; the weights are sampled, the rest hashed whole.
@@ -31,18 +33,22 @@ def short_hash(*parts: str | bytes, length: int = 12) -> str:
 
 
 def read_manifest(model_dir: Path) -> tuple[str, str] | None:
-    """``(name, version)`` from the ``bpo_manifest.json`` that ``bpo train`` writes, if there is a usable one."""
+    """``(name, version)`` from the ``bpo_manifest.json`` that ``bpo train`` writes (training/manifest.py).
+
+    A broken manifest is reported and ignored: the content hash still tells model versions apart.
+    """
+    from training.manifest import ManifestError
+    from training.manifest import read_manifest as read_training_manifest
+
     try:
-        manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
+        manifest = read_training_manifest(model_dir)
+    except ManifestError as exc:
+        log.warning("ignoring %s: %s", MANIFEST_FILE, exc)
         return None
-    name, version = (manifest.get("name"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
-    if isinstance(name, str) and name and isinstance(version, (str, int)) and str(version):
-        return name, str(version)
-    return None
+    return (manifest.name, manifest.version) if manifest is not None else None
 
 
-def hash_model_dir(model_dir: Path) -> str:
+def hash_model_dir(model_dir: Path, sample_bytes: int = SAMPLE_BYTES) -> str:
     """A content fingerprint of a model directory: config and tokenizer files whole, weights sampled."""
     digest = hashlib.sha256()
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
@@ -50,21 +56,21 @@ def hash_model_dir(model_dir: Path) -> str:
         if path.name in CONFIG_FILES:
             digest.update(relative.encode() + b"\0" + path.read_bytes())
         elif path.name.endswith(WEIGHT_SUFFIXES):
-            digest.update(relative.encode() + b"\0" + _sample_file(path))
+            digest.update(relative.encode() + b"\0" + _sample_file(path, sample_bytes))
     return digest.hexdigest()[:12]
 
 
-def _sample_file(path: Path) -> bytes:
+def _sample_file(path: Path, sample_bytes: int) -> bytes:
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with path.open("rb") as handle:
-        if size <= WEIGHT_SAMPLES * SAMPLE_BYTES:
+        if size <= WEIGHT_SAMPLES * sample_bytes:
             digest.update(handle.read())
             return digest.digest()
-        step = (size - SAMPLE_BYTES) // (WEIGHT_SAMPLES - 1)
+        # Evenly spread, the first at the start of the file and the last ending at its end.
         for index in range(WEIGHT_SAMPLES):
-            handle.seek(index * step)
-            digest.update(handle.read(SAMPLE_BYTES))
+            handle.seek(index * (size - sample_bytes) // (WEIGHT_SAMPLES - 1))
+            digest.update(handle.read(sample_bytes))
     return digest.digest()
 
 

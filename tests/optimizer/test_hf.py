@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +17,7 @@ from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, prepare_load
 from optimizer.hf_decoding import RowMinNewTokens
 from optimizer.registry import build_optimizer
 from optimizer.template import BANNED_STRINGS
+from training.manifest import Manifest, write_manifest
 
 OPTIONS = OptimizerOptions(max_new_tokens=24, max_batch_size=8, max_wait_ms=50)
 
@@ -96,7 +96,8 @@ async def test_loads_in_background_then_serves(tiny_model_dir: Path) -> None:
 
 async def test_manifest_names_the_identity(tiny_model_dir: Path, tmp_path: Path) -> None:
     model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
-    (model_dir / "bpo_manifest.json").write_text(json.dumps({"name": "bpo-tiny", "version": "3"}))
+    write_manifest(model_dir, Manifest(name="bpo-tiny", version="3", base_model="tiny", data_sha256="0" * 64,
+                                       template_version="1", created="2026-01-01T00:00:00Z"))
     optimizer = await ready(HFOptimizer(str(model_dir), OPTIONS))
     await optimizer.close()
     assert optimizer.identity == "hf:bpo-tiny@3"

@@ -1,0 +1,62 @@
+"""name@version identities: manifests, content hashes of model dirs, hub revisions, remote servers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from optimizer.identity import hash_model_dir, hf_identity, remote_identity
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "bpo-model"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (directory / "README.md").write_text("notes")
+    return directory
+
+
+def test_hash_is_stable_and_ignores_non_model_files(model_dir: Path, tmp_path: Path) -> None:
+    before = hash_model_dir(model_dir)
+    (model_dir / "README.md").write_text("other notes")
+    copy = Path(shutil.copytree(model_dir, tmp_path / "copy"))
+    assert hash_model_dir(model_dir) == before == hash_model_dir(copy)
+
+
+@pytest.mark.parametrize("changed", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_hash_changes_with_config_tokenizer_or_weights(model_dir: Path, changed: str) -> None:
+    before = hash_model_dir(model_dir)
+    path = model_dir / changed
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert hash_model_dir(model_dir) != before
+
+
+def test_large_weights_are_sampled_and_both_ends_count(model_dir: Path) -> None:
+    # 16 KiB of weights is "large" for 1 KiB samples: 8 samples cover half of it, both ends included.
+    weights = model_dir / "model.safetensors"
+    before = hash_model_dir(model_dir, sample_bytes=1024)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last sample ends at the end of the file
+    weights.write_bytes(bytes(data))
+    assert hash_model_dir(model_dir, sample_bytes=1024) != before
+
+
+def test_hf_identity_prefers_manifest_then_hash_then_hub_revision(model_dir: Path) -> None:
+    assert hf_identity(str(model_dir)) == f"hf:bpo-model@{hash_model_dir(model_dir)}"
+    (model_dir / "bpo_manifest.json").write_text('{"name": "broken"}')
+    assert hf_identity(str(model_dir)) == f"hf:bpo-model@{hash_model_dir(model_dir)}"
+    assert hf_identity("THUDM/BPO", "0123456789abcdef0123") == "hf:THUDM/BPO@0123456789ab"
+    assert hf_identity("THUDM/BPO", None) == "hf:THUDM/BPO@unknown-revision"
+
+
+def test_remote_identity() -> None:
+    assert remote_identity("bpo@v7", "/models/x") == "remote:bpo@v7"
+    assert remote_identity("bpo", "/models/a") == remote_identity("bpo", "/models/a")
+    assert remote_identity("bpo", "/models/a") != remote_identity("bpo", "/models/b")
