@@ -1,10 +1,11 @@
 """Gateway overhead, side by side in one run: direct upstream vs bpo-proxy vs a minimal passthrough.
 
-Starts three processes on loopback (a lean fake upstream, the reference ~30-line aiohttp passthrough, and
-``bpo serve``) and drives each with wrk: 1 connection for latency, 32 connections for throughput. Prints the
+Starts on loopback a lean fake upstream, the reference ~30-line passthrough (with aiohttp, and with httpx:
+the fast path's client was chosen on this), and ``bpo serve`` twice (optimizer off; every prompt a cache
+hit), then drives each in turn with wrk: 1 connection for latency, 32 connections for throughput. Prints the
 added latency over calling the upstream directly, and the throughput ratio against the reference.
 
-    python bench/proxy_overhead.py [--duration 5] [--mode off|cache-hit|both]
+    python bench/proxy_overhead.py [--duration 5] [--rounds 3] [--skip-rss]
 
 Needs ``wrk`` (Debian: apt-get install wrk).
 """
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,8 @@ class Load:
     p50_ms: float
     p99_ms: float
     rps: float
+    requests: int
+    cpu_us_per_request: float = float("nan")
 
 
 def _to_ms(value: str) -> float:
@@ -59,21 +63,22 @@ def wrk(url: str, connections: int, duration: float, script: str, extra_headers:
                             env={**os.environ, "BPO_BENCH_HEADERS": extra_headers}).stdout
     if "Latency Distribution" not in output:
         raise RuntimeError(f"wrk printed no latency distribution for {url}:\n{output}")
-    p50 = _to_ms(re.search(r"50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-    p99 = _to_ms(re.search(r"99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    p50 = _to_ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _to_ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if errors:
         raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{output}")
-    return Load(p50, p99, rps)
+    return Load(p50, p99, rps, requests)
 
 
 def wait_healthy(url: str, timeout: float = 30.0) -> float:
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
         with contextlib.suppress(httpx.TransportError):
-            httpx.get(url, timeout=0.5)
-            return time.perf_counter() - started
+            if httpx.get(url, timeout=0.5).status_code < 500:
+                return time.perf_counter() - started
         time.sleep(0.02)
     raise RuntimeError(f"{url} did not come up")
 
@@ -107,78 +112,109 @@ def write_script(directory: str) -> str:
     return str(path)
 
 
-def measure(name: str, url: str, script: str, duration: float) -> tuple[Load, Load]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: CPU per request is far steadier than req/s on a busy machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, script: str, duration: float, pid: int) -> tuple[Load, Load]:
     wrk(url, 4, 1.0, script)  # warm up connections and caches
     one = wrk(url, 1, duration, script)
+    cpu_before = cpu_seconds(pid)
     many = wrk(url, 32, duration, script)
-    print(f"  {name:<22} p50 {one.p50_ms:7.3f} ms   p99 {one.p99_ms:7.3f} ms   "
-          f"1 conn {one.rps:8.0f} req/s   32 conn {many.rps:8.0f} req/s", flush=True)
+    many.cpu_us_per_request = (cpu_seconds(pid) - cpu_before) / many.requests * 1e6
     return one, many
 
 
-def grow_rss(url: str, pid: int, script: str) -> tuple[float, float]:
-    """RSS after ~1k and after ~10k requests: a leak shows as growth between the two."""
-    for target in (1_000, 10_000):
-        with httpx.Client() as client:
-            sent = 0
-            while sent < target - (1_000 if target == 10_000 else 0):
+def grow_rss(url: str, pid: int) -> tuple[float, float]:
+    """RSS after 1k and after 10k requests: a leak shows as growth between the two."""
+    rss = []
+    with httpx.Client() as client:
+        for count in (1_000, 9_000):
+            for _ in range(count):
                 client.post(url, content=BODY, headers={"content-type": "application/json"})
-                sent += 1
-        if target == 1_000:
-            first = rss_mb(pid)
-    return first, rss_mb(pid)
+            rss.append(rss_mb(pid))
+    return rss[0], rss[1]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--mode", choices=("off", "cache-hit", "both"), default="both",
-                        help="proxy with optimization off, with every prompt a cache hit, or both")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each measures every target once, in turn")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 10k-request memory check")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
-    python = sys.executable
-    ports = {name: free_port() for name in ("upstream", "reference", "proxy")}
+    python, servers = sys.executable, str(REPO / "bench/servers.py")
+    ports = {name: free_port() for name in ("upstream", *TARGETS)}
     upstream = f"http://127.0.0.1:{ports['upstream']}/v1"
-    with tempfile.TemporaryDirectory() as tmp, \
-            process([python, str(REPO / "bench/servers.py"), "upstream", "--port", str(ports["upstream"])],
-                    upstream.removesuffix("/v1") + "/"), \
-            process([python, str(REPO / "bench/servers.py"), "passthrough", "--port", str(ports["reference"]),
-                     "--upstream", upstream], f"http://127.0.0.1:{ports['reference']}/"):
+    commands = {
+        "upstream": [python, servers, "upstream", "--port", str(ports["upstream"])],
+        "reference (aiohttp)": [python, servers, "passthrough", "--port", str(ports["reference (aiohttp)"]),
+                                "--upstream", upstream],
+        "reference (httpx)": [python, servers, "passthrough-httpx", "--port", str(ports["reference (httpx)"]),
+                              "--upstream", upstream],
+    }
+    for name, optimizer in (("bpo-proxy, optimizer off", "none"), ("bpo-proxy, cache hit", f"remote:{upstream}")):
+        commands[name] = [python, "-m", "proxy", "serve", "--port", str(ports[name]), "--upstream-base-url",
+                          upstream, "--optimizer", optimizer]
+    urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        started = {}
+        for name, command in commands.items():
+            health = urls[name].replace("/v1/chat/completions", "/readyz" if "bpo" in name else "/")
+            started[name] = stack.enter_context(process(command, health))
+        check_proxies(urls)
         script = write_script(tmp)
-        print(f"wrk: {args.duration:g} s per run; 1 connection for latency, 32 for throughput")
-        direct, _ = measure("direct upstream", upstream + "/chat/completions", script, args.duration)
-        reference, reference_many = measure("reference passthrough",
-                                            f"http://127.0.0.1:{ports['reference']}/v1/chat/completions",
-                                            script, args.duration)
-        modes = ("off", "cache-hit") if args.mode == "both" else (args.mode,)
-        results = {}
-        for mode in modes:
-            optimizer = "none" if mode == "off" else f"remote:{upstream}"
-            proxy_args = [python, "-m", "proxy", "serve", "--port", str(ports["proxy"]), "--upstream-base-url",
-                          upstream, "--optimizer", optimizer, "--log-level", "warning"]
-            with process(proxy_args, f"http://127.0.0.1:{ports['proxy']}/healthz") as (child, ready):
-                url = f"http://127.0.0.1:{ports['proxy']}/v1/chat/completions"
-                headers = httpx.post(url, content=BODY, headers={"content-type": "application/json"}).headers
-                assert headers["x-bpo-applied"] == ("true" if mode == "cache-hit" else "false"), headers
-                one, many = measure(f"bpo-proxy ({mode})", url, script, args.duration)
-                if mode == "cache-hit":
-                    assert httpx.post(url, content=BODY, headers={
-                        "content-type": "application/json"}).headers["x-bpo-cache"] == "hit"
-                rss = None if args.skip_rss else grow_rss(url, child.pid, script)
-                results[mode] = (one, many, ready, rss)
-        print("\nResults (ratios from this one run):")
-        print(f"  reference passthrough adds p50 {reference.p50_ms - direct.p50_ms:+.3f} ms, "
-              f"p99 {reference.p99_ms - direct.p99_ms:+.3f} ms")
-        for mode, (one, many, ready, rss) in results.items():
-            print(f"  bpo-proxy ({mode}): adds p50 {one.p50_ms - direct.p50_ms:+.3f} ms (target <= 1.0), "
-                  f"p99 {one.p99_ms - direct.p99_ms:+.3f} ms (target <= 3.0); "
-                  f"throughput at 32 conn = {many.rps / reference_many.rps:.2f}x the reference (target >= 0.8)")
-            print(f"    ready (/healthz 200) {ready:.2f} s after spawn (target <= 2.0)")
-            if rss:
-                print(f"    RSS after 1k requests {rss[0]:.1f} MB, after 10k {rss[1]:.1f} MB "
-                      f"({(rss[1] / rss[0] - 1) * 100:+.1f}%, target within 10%)")
+        print(f"wrk: {args.rounds} rounds x {args.duration:g} s per run; 1 connection for latency, 32 for "
+              f"throughput; medians over rounds", flush=True)
+        runs: dict[str, list[tuple[Load, Load]]] = {name: [] for name in urls}
+        for round_number in range(args.rounds):
+            for name, url in urls.items():
+                runs[name].append(measure(url, script, args.duration, started[name][0].pid))
+            print(f"  round {round_number + 1} done", flush=True)
+        report(runs)
+        for name in ("bpo-proxy, optimizer off",):
+            print(f"  {name}: ready (/readyz 200) {started[name][1]:.2f} s after spawn (target <= 2.0)")
+            if not args.skip_rss:
+                first, last = grow_rss(urls[name], started[name][0].pid)
+                print(f"  {name}: RSS after 1k requests {first:.1f} MB, after 10k {last:.1f} MB "
+                      f"({(last / first - 1) * 100:+.1f}%, target within 10%)")
+
+
+TARGETS = ("reference (aiohttp)", "reference (httpx)", "bpo-proxy, optimizer off", "bpo-proxy, cache hit")
+
+
+def check_proxies(urls: dict[str, str]) -> None:
+    """The proxies must really be in the state measured: off passes through, cache hit hits."""
+    off = httpx.post(urls["bpo-proxy, optimizer off"], content=BODY, headers={"content-type": "application/json"})
+    assert off.headers["x-bpo-reason"] == "disabled", off.headers
+    for _ in range(2):
+        hit = httpx.post(urls["bpo-proxy, cache hit"], content=BODY, headers={"content-type": "application/json"})
+    assert hit.headers["x-bpo-applied"] == "true" and hit.headers["x-bpo-cache"] == "hit", hit.headers
+
+
+def report(runs: dict[str, list[tuple[Load, Load]]]) -> None:
+    med = {name: (median([one.p50_ms for one, _ in r]), median([one.p99_ms for one, _ in r]),
+                  median([many.rps for _, many in r]), median([many.cpu_us_per_request for _, many in r]))
+           for name, r in runs.items()}
+    print(f"\n  {'target':<28}{'p50 ms':>9}{'p99 ms':>9}{'req/s @32':>11}{'CPU us/req':>12}{'added p50':>11}"
+          f"{'added p99':>11}{'x ref req/s':>13}{'x ref CPU':>11}")
+    direct = med["upstream"]
+    reference = med["reference (aiohttp)"]
+    for name, (p50, p99, rps, cpu) in med.items():
+        line = f"  {name:<28}{p50:9.3f}{p99:9.3f}{rps:11.0f}{cpu:12.0f}"
+        if name != "upstream":
+            line += f"{p50 - direct[0]:+11.3f}{p99 - direct[1]:+11.3f}"
+            line += f"{rps / reference[2]:13.2f}{cpu / reference[3]:11.2f}"
+        print(line)
+    print("\n  targets: bpo-proxy adds <= 1.0 ms p50 and <= 3 ms p99 over the upstream at 1 connection; "
+          "throughput at 32 connections >= 0.8x the aiohttp reference")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ def run_upstream(port: int) -> None:
         await request.read()
         return web.Response(body=COMPLETION_RESPONSE, content_type="application/json")
 
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "bpo-bench", "object": "model"}]})
+
     app = web.Application()
+    app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completion)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
@@ -69,10 +73,41 @@ def run_passthrough(port: int, upstream: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def run_passthrough_httpx(port: int, upstream: str) -> None:
+    """The same reference with one pooled httpx.AsyncClient: the fast path's HTTP client was chosen on this."""
+    import httpx
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    clients: dict[str, httpx.AsyncClient] = {}
+
+    async def chat(request: Request) -> Response:
+        answer = await clients["client"].post(upstream + "/chat/completions", content=await request.body(),
+                                              headers={"content-type": "application/json"})
+        return Response(answer.content, status_code=answer.status_code,
+                        media_type=answer.headers.get("content-type"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        clients["client"] = httpx.AsyncClient(limits=httpx.Limits(max_connections=None,
+                                                                  max_keepalive_connections=100))
+        yield
+        await clients["client"].aclose()
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+ROLES = {"passthrough": run_passthrough, "passthrough-httpx": run_passthrough_httpx}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("role", choices=("upstream", "passthrough"))
+    parser.add_argument("role", choices=("upstream", *ROLES))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", default="")
     args = parser.parse_args()
-    run_upstream(args.port) if args.role == "upstream" else run_passthrough(args.port, args.upstream)
+    run_upstream(args.port) if args.role == "upstream" else ROLES[args.role](args.port, args.upstream)

@@ -64,6 +64,10 @@ class RewriteCache(Protocol):
         """(value, hit): ``hit`` is True when this call cost no optimizer call of its own."""
         ...
 
+    def peek(self, key: str) -> CachedRewrite | None:
+        """The in-process tier's value, without awaiting: the hot path's cache hit costs no task."""
+        ...
+
     def status(self) -> dict[str, Any]: ...
 
     async def start(self) -> None: ...
@@ -143,10 +147,15 @@ class MemoryCache:
         self._on_event = on_event if on_event is not None else _ignore
         self._flights: SingleFlight[CachedRewrite] = SingleFlight()
 
-    async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:
+    def peek(self, key: str) -> CachedRewrite | None:
         value = self.local.get(key)
         if value is not None:
             self._on_event("hit")
+        return value
+
+    async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:
+        value = self.peek(key)
+        if value is not None:
             return value, True
         task, started = self._flights.join(key, lambda: self._compute_and_store(key, compute))
         if not started:
@@ -176,6 +185,9 @@ class NullCache:
 
     enabled = False
     backend = "none"
+
+    def peek(self, key: str) -> CachedRewrite | None:
+        return None
 
     async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:
         return await compute(), False

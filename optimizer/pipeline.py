@@ -53,6 +53,9 @@ class RewritePipeline:
             return Outcome(text, False, TOO_LONG, "off", optimizer)
         cache_state: CacheResult = "miss" if self.cache.enabled else "off"
         key = cache_key(optimizer, mode, text, tenant)
+        cached = self.cache.peek(key)
+        if cached is not None:
+            return self._verdict(text, cached, "hit")
         try:
             value, hit = await asyncio.wait_for(
                 self.cache.get_or_compute(key, lambda: self._compute(text, mode)), self.timeout)
@@ -68,9 +71,13 @@ class RewritePipeline:
             return self._fail_open(text, OPTIMIZER_ERROR, cache_state, optimizer, "optimizer")
         if self.cache.enabled:
             cache_state = "hit" if hit else "miss"
+        return self._verdict(text, value, cache_state)
+
+    @staticmethod
+    def _verdict(text: str, value: CachedRewrite, cache: CacheResult) -> Outcome:
         if value.verdict == "applied":
-            return Outcome(value.text, True, None, cache_state, value.optimizer)
-        return Outcome(text, False, value.verdict, cache_state, value.optimizer)
+            return Outcome(value.text, True, None, cache, value.optimizer)
+        return Outcome(text, False, value.verdict, cache, value.optimizer)
 
     def _fail_open(self, text: str, reason: str, cache: CacheResult, optimizer: str, component: str) -> Outcome:
         self._on_fail_open(component)

@@ -128,10 +128,15 @@ class RedisCache:
 
     # -- the protocol -------------------------------------------------------------------------------
 
-    async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:
+    def peek(self, key: str) -> CachedRewrite | None:
         cached = self.local.get(key)
         if cached is not None:
             self._on_event("hit")
+        return cached
+
+    async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:
+        cached = self.peek(key)
+        if cached is not None:
             return cached, True
         task, started = self._flights.join(key, lambda: self._resolve(key, compute))
         if not started:

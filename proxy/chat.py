@@ -142,7 +142,10 @@ class ChatService:
         if turn is None:
             return Rewritten(None, False, NOT_USER_TURN, "off", optimizer, None)
         tenant = tenant_of(api_key) if self.settings.cache_per_tenant and api_key else ""
-        outcomes = await asyncio.gather(*(self.pipeline.run(t, decision.mode, tenant) for t in turn.texts))
+        if len(turn.texts) == 1:  # the common case: no task to gather
+            outcomes: Sequence[Outcome] = [await self.pipeline.run(turn.texts[0], decision.mode, tenant)]
+        else:
+            outcomes = await asyncio.gather(*(self.pipeline.run(t, decision.mode, tenant) for t in turn.texts))
         applied, reason, cache = combine(outcomes)
         texts = [o.text for o in outcomes]
         body = replace_user_text(chat.body, turn, texts) if applied else None

@@ -80,8 +80,12 @@ def upstream_headers(headers: Mapping[str, str], api_key: str | None, azure: boo
     return out
 
 
+# The gateway's server sets its own Date; the provider's Server says nothing about this hop.
+_NOT_RELAYED = HOP_BY_HOP | {"date", "server"}
+
+
 def downstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    out = {k: v for k, v in headers.items() if k.lower() not in _NOT_RELAYED}
     if "x-request-id" in {k.lower() for k in out}:  # ours wins; keep the provider's for support tickets
         out = {("x-upstream-request-id" if k.lower() == "x-request-id" else k): v for k, v in out.items()}
     return out
