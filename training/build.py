@@ -30,14 +30,17 @@ class BuildConfig:
         "help": "alpaca-gpt4 only: Alpaca's original answers, joined as the bad responses"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N unique records"})
     concurrency: int = field(default=8, metadata={"help": "critic requests in flight at once"})
-    rate: float = field(default=0.0, metadata={"help": "at most this many critic requests per second (0: no cap)"})
+    rate: float = field(default=0.0, metadata={
+        "help": "at most this many critic requests per second (0: no cap)"})
     max_retries: int = field(default=5, metadata={"help": "retries per request on 429/5xx/timeouts"})
     retry_backoff: float = field(default=1.0, metadata={
         "help": "seconds the first retry waits at most (jittered, doubling each retry)"})
     temperature: float = field(default=0.0, metadata={"help": "critic sampling temperature"})
     max_tokens: int = field(default=2048, metadata={"help": "critic answer token limit"})
-    max_shrink: float = field(default=2.0, metadata={"help": "drop pairs whose original/optimized word ratio exceeds this"})
-    max_growth: float = field(default=6.0, metadata={"help": "drop pairs whose optimized/original word ratio exceeds this"})
+    max_shrink: float = field(default=2.0, metadata={
+        "help": "drop pairs whose original/optimized word ratio exceeds this"})
+    max_growth: float = field(default=6.0, metadata={
+        "help": "drop pairs whose optimized/original word ratio exceeds this"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @property
@@ -93,7 +96,8 @@ def judge_record(record: Record, text: str, finish_reason: str | None, config: B
 async def run_critic(todo: list[Record], config: BuildConfig, stats: FilterStats) -> None:
     from tqdm import tqdm
 
-    from training.chat import ChatClient, ChatError, ChatModel
+    from training.chat import ChatClient, ChatModel
+    from training.errors import ChatError
 
     model = ChatModel(config.critic_model, config.critic_base_url, config.critic_api_key,
                       config.temperature, config.max_tokens)

@@ -60,7 +60,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Any
         flag = "--" + item.name.replace("_", "-")
         required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
         default = None if required else (
-            item.default if item.default is not dataclasses.MISSING else item.default_factory())  # type: ignore[misc]
+            item.default if item.default is not dataclasses.MISSING else item.default_factory())  # type: ignore[misc,operator]
         options: dict[str, Any] = {"dest": item.name, "help": item.metadata.get("help", ""), "default": default}
         kind, repeated = _flag_type(hints[item.name])
         if kind is bool:

@@ -39,11 +39,14 @@ class EvalConfig:
         "help": "the model that answers both prompts (required unless --offline)"})
     judge_model: str | None = field(default=None, metadata={
         "help": "the model that compares the answers (required unless --offline)"})
-    target_base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server of the target"})
-    judge_base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server of the judge"})
+    target_base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible server of the target"})
+    judge_base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible server of the judge"})
     target_api_key: str | None = field(default=None, metadata={"help": "API key for the target"})
     judge_api_key: str | None = field(default=None, metadata={"help": "API key for the judge"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N prompts of each set"})
+    limit: int | None = field(default=None, metadata={
+        "help": "evaluate only the first N prompts of each set"})
     output: str = field(default="bpo-eval/results.jsonl", metadata={
         "help": "results JSONL (resumable: re-running skips prompts already judged for this run)"})
     mode: str = field(default="stable", metadata={"help": "optimizer decoding mode",

@@ -17,7 +17,8 @@ from training.records import JsonlAppender, Record, prompt_parts, read_done, rea
 
 @dataclass
 class IterateConfig:
-    input: str = field(metadata={"help": "prompts (JSON or JSONL with prompt, instruction (+context) or text)"})
+    input: str = field(metadata={
+        "help": "prompts (JSON or JSONL with prompt, instruction (+context) or text)"})
     output: str = field(metadata={"help": "JSONL of prompt, optimized_prompt (last round) and every round"})
     optimizer: str = field(metadata={"help": "optimizer spec: hf:DIR, remote:URL, llm:MODEL"})
     rounds: int = field(default=3, metadata={"help": "how many times to optimize each prompt"})

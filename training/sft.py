@@ -21,8 +21,8 @@ from training.errors import ConfigError, DataError
 from training.records import Record, read_records, sha256_file, write_json
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-    from trl import SFTTrainer
+    from transformers import PreTrainedTokenizerBase
+    from trl.trainer.sft_trainer import SFTTrainer
 
 CONFIG_NAME = "bpo_train_config.json"
 IGNORE_INDEX = -100  # the label value the loss skips (the prompt's tokens)
@@ -33,28 +33,42 @@ class TrainConfig:
     base: str = field(metadata={"help": "base model: a transformers model dir or hub id"})
     data: str = field(metadata={"help": "pairs JSONL (prompt, optimized_prompt) from bpo data build"})
     output: str = field(metadata={"help": "model dir to write; loads with --optimizer hf:DIR"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (smoke runs); -1: use --epochs"})
-    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) and merge them into the saved model"})
+    max_steps: int = field(default=-1, metadata={
+        "help": "stop after N optimizer steps (smoke runs); -1: use --epochs"})
+    lora: bool = field(default=False, metadata={
+        "help": "train LoRA adapters (peft) and merge them into the saved model"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     epochs: float = field(default=3.0, metadata={"help": "training epochs (the paper: 3)"})
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate (the paper: 2e-5, full fine-tune)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps for linear warm-up, then linear decay"})
-    batch_size: int = field(default=4, metadata={"help": "pairs per device per step (the paper: 4 per GPU x 8 GPUs)"})
+    learning_rate: float = field(default=2e-5, metadata={
+        "help": "AdamW peak learning rate (the paper: 2e-5, full fine-tune)"})
+    warmup_ratio: float = field(default=0.1, metadata={
+        "help": "share of steps for linear warm-up, then linear decay"})
+    batch_size: int = field(default=4, metadata={
+        "help": "pairs per device per step (the paper: 4 per GPU x 8 GPUs)"})
     gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_length: int = field(default=2048, metadata={"help": "drop pairs longer than this many tokens (never truncate)"})
-    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this share of pairs for eval loss and offline metrics"})
-    eval_generate: int = field(default=16, metadata={"help": "rewrite up to N held-out prompts greedily after training for offline metrics"})
-    bf16: bool | None = field(default=None, metadata={"help": "train in bf16 (default: on when the GPU supports it)"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "trade compute for memory (default: on GPU)"})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config: a JSON path or a shipped name (zero2, zero3)"})
+    max_length: int = field(default=2048, metadata={
+        "help": "drop pairs longer than this many tokens (never truncate)"})
+    eval_fraction: float = field(default=0.0, metadata={
+        "help": "hold out this share of pairs for eval loss and offline metrics"})
+    eval_generate: int = field(default=16, metadata={
+        "help": "rewrite up to N held-out prompts greedily after training for offline metrics"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "train in bf16 (default: on when the GPU supports it)"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "trade compute for memory (default: on GPU)"})
+    deepspeed: str | None = field(default=None, metadata={
+        "help": "DeepSpeed config: a JSON path or a shipped name (zero2, zero3)"})
     logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUTPUT/checkpoints"})
+    save_steps: int = field(default=0, metadata={
+        "help": "checkpoint every N steps (0: only the final model)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the last checkpoint in OUTPUT/checkpoints"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep OUTPUT/checkpoints after training"})
     seed: int = field(default=42, metadata={"help": "random seed (data order, LoRA init, held-out split)"})
-    name: str | None = field(default=None, metadata={"help": "optimizer name in the manifest (default: the output dir's name)"})
+    name: str | None = field(default=None, metadata={
+        "help": "optimizer name in the manifest (default: the output dir's name)"})
 
     def check(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -144,7 +158,8 @@ def build_trainer(config: TrainConfig, prepared: Prepared) -> SFTTrainer:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_config import SFTConfig
+    from trl.trainer.sft_trainer import SFTTrainer
 
     on_gpu = torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
@@ -156,7 +171,8 @@ def build_trainer(config: TrainConfig, prepared: Prepared) -> SFTTrainer:
         lr_scheduler_type="linear", warmup_steps=config.warmup_ratio, optim="adamw_torch",
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation, bf16=bf16,
-        activation_checkpointing=checkpointing, dataloader_pin_memory=on_gpu, logging_steps=config.logging_steps, logging_first_step=True,
+        activation_checkpointing=checkpointing, dataloader_pin_memory=on_gpu,
+        logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
         eval_strategy="no", report_to="none", seed=config.seed, data_seed=config.seed,
         deepspeed=deepspeed_config(config.deepspeed), disable_tqdm=True,
@@ -180,7 +196,7 @@ def loss_curve(trainer: SFTTrainer) -> list[float]:
     return [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
 
 
-def generate_rewrites(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+def generate_rewrites(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                       max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
     """Greedy rewrites of ``prompts`` with the optimizer template (offline metrics, the overfit test)."""
     import torch
@@ -201,7 +217,7 @@ def generate_rewrites(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return rewrites
 
 
-def offline_metrics(model: PreTrainedModel, prepared: Prepared, count: int) -> dict[str, Any]:
+def offline_metrics(model: Any, prepared: Prepared, count: int) -> dict[str, Any]:
     from training.metrics import rewrite_metrics
 
     sample = prepared.held_out[:count]
@@ -223,7 +239,7 @@ def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: 
     from training.manifest import build_manifest, write_manifest
 
     output = Path(config.output)
-    model = trainer.model
+    model: Any = trainer.model
     if config.lora:
         model = model.merge_and_unload()  # the hf: backend loads plain causal-LM dirs
         if trainer.is_world_process_zero():

@@ -37,7 +37,7 @@ def test_single_object_json_and_bad_jsonl_lines(tmp_path: Path) -> None:
     assert read_records(single) == [{"text": "hello"}]
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(DataError, match="broken.jsonl:2"):
+    with pytest.raises(DataError, match=r"broken\.jsonl:2"):
         read_records(broken)
 
 

@@ -57,7 +57,7 @@ def test_collated_labels_mask_the_prompt_and_padding(tiny_model_dir: Path, pairs
 
 
 def test_long_pairs_are_dropped_whole_never_truncated(tiny_model_dir: Path, tmp_path: Path) -> None:
-    pairs = fixture_pairs()[:6] + [{"prompt": "Summarise: " + "the cat sat on the mat. " * 60,
+    pairs = [*fixture_pairs()[:6], {"prompt": "Summarise: " + "the cat sat on the mat. " * 60,
                                     "optimized_prompt": "Summarise the text in one sentence."}]
     data = tmp_path / "pairs.jsonl"
     write_jsonl(data, pairs)
