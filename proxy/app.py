@@ -14,8 +14,9 @@ from starlette.responses import Response
 from optimizer.base import Optimizer, OptimizerOptions
 from optimizer.cache import build_cache
 from optimizer.pipeline import RewritePipeline
-from optimizer.registry import build_optimizer
+from optimizer.reload import ReloadableOptimizer, install_sighup
 from proxy.ab import ArmAssigner
+from proxy.admin import admin_routes
 from proxy.chat import ChatService
 from proxy.errors import ProxyError, error_response
 from proxy.events import build_sink
@@ -60,7 +61,8 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = app.state
         state.settings, state.metrics = settings, metrics
-        state.optimizer = build_optimizer(settings.optimizer, optimizer_options(settings, metrics))
+        # Reloadable: SIGHUP or POST /admin/optimizer/reload swaps the model without dropping requests.
+        state.optimizer = ReloadableOptimizer(settings.optimizer, optimizer_options(settings, metrics))
         state.cache = build_cache(settings, lambda result: metrics.cache_events.labels(result=result).inc())
         state.events = build_sink(settings, metrics)
         state.http = HttpForwarder(settings.upstream_timeout)
@@ -84,9 +86,10 @@ def create_app(settings: Settings) -> Starlette:
             if settings.require_optimizer:
                 await _require(state.optimizer)
             _warn_if_failed(state.optimizer)
+            services.callback(install_sighup(state.optimizer))
             yield
 
-    app = Starlette(routes=routes(), lifespan=lifespan,
+    app = Starlette(routes=[*admin_routes(settings.admin_key), *routes()], lifespan=lifespan,
                     exception_handlers={ProxyError: _proxy_error, Exception: _unexpected})
     return app
 
