@@ -193,3 +193,14 @@ def test_cached_rewrite_is_immutable() -> None:
     value = CachedRewrite("t", "applied", "bpo@1", 1.0)
     with pytest.raises(AttributeError):
         value.text = "other"  # type: ignore[misc]
+
+
+async def test_peek_reads_the_local_tier_without_a_task_and_counts_only_hits() -> None:
+    events = Events()
+    cache = MemoryCache(LocalTier(100, 1 << 20, 3600), events)
+    assert cache.peek("k") is None and events == {}
+    compute = CountingCompute()
+    await cache.get_or_compute("k", compute)
+    assert cache.peek("k") == compute.values[0]
+    assert events == {"miss": 1, "hit": 1}
+    assert NullCache().peek("k") is None

@@ -342,3 +342,14 @@ def test_status_hides_credentials() -> None:
 def test_an_unusable_url_fails_at_build_with_the_setting_named() -> None:
     with pytest.raises(ValueError, match=r"--cache redis://host:port/0: not a usable Redis URL"):
         build_cache(Settings(cache="redis://user:pw@host:port/0"), Events())
+
+
+async def test_peek_sees_only_the_local_tier(namespace: str) -> None:
+    a, b = make_cache(namespace), make_cache(namespace)
+    compute = CountingCompute()
+    async with started(a, b):
+        await a.get_or_compute(key_for(), compute)
+        assert a.peek(key_for()) == compute.values[0]
+        assert b.peek(key_for()) is None  # in Redis, but peeking never does I/O
+        await b.get_or_compute(key_for(), compute)
+        assert b.peek(key_for()) == compute.values[0]
