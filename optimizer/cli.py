@@ -20,16 +20,19 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
                     "the decoding flags also read BPO_OPTIMIZER, BPO_MODE, BPO_OPTIMIZER_SEED, ...")
     parser.add_argument("text", nargs="?", default="-", metavar="TEXT",
                         help="the prompt to optimize ('-' or nothing: read standard input)")
-    parser.add_argument("--optimizer", help="none | hf:PATH_OR_HUB_ID | remote:BASE_URL | llm:MODEL "
+    parser.add_argument("--optimizer", metavar="SPEC", help="none | hf:PATH_OR_HUB_ID | remote:BASE_URL | llm:MODEL "
                                             "[default: hf:THUDM/BPO]")
     parser.add_argument("--mode", choices=MODES, help="stable (default) or aggressive decoding")
-    parser.add_argument("--seed", dest="optimizer_seed", type=int, help="seed for a reproducible rewrite")
-    parser.add_argument("--max-new-tokens", dest="optimizer_max_new_tokens", type=int,
+    parser.add_argument("--seed", dest="optimizer_seed", type=int, metavar="N",
+                        help="seed for a reproducible rewrite")
+    parser.add_argument("--max-new-tokens", dest="optimizer_max_new_tokens", type=int, metavar="N",
                         help="longest rewrite, in tokens [default: 256]")
-    parser.add_argument("--device", dest="optimizer_device", help="torch device for hf: (default: cuda, mps, cpu)")
-    parser.add_argument("--model", dest="optimizer_model", help="model name on a remote: server")
-    parser.add_argument("--api-key", dest="optimizer_api_key", help="API key for a remote: or llm: optimizer")
-    parser.add_argument("--timeout", type=float, default=600.0,
+    parser.add_argument("--device", dest="optimizer_device", metavar="DEVICE",
+                        help="torch device for hf: (default: cuda, mps, cpu)")
+    parser.add_argument("--model", dest="optimizer_model", metavar="NAME", help="model name on a remote: server")
+    parser.add_argument("--api-key", dest="optimizer_api_key", metavar="KEY",
+                        help="API key for a remote: or llm: optimizer")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                         help="seconds to wait for loading plus the rewrite [default: 600]")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also print the optimizer's name@version and the fidelity guard's verdict (stderr)")
