@@ -68,6 +68,7 @@ class EvalConfig:
     target_max_tokens: int = field(default=1024, metadata={"help": "token limit of the target's answers"})
     judge_max_tokens: int = field(default=1024, metadata={"help": "token limit of the judge's answers"})
     seed: int | None = field(default=None, metadata={"help": "optimizer sampling seed"})
+    max_new_tokens: int = field(default=256, metadata={"help": "optimizer rewrite token limit"})
     plot: str | None = field(default=None, metadata={"help": "write a win/tie/loss bar chart PNG here"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -221,7 +222,7 @@ def run_identity(config: EvalConfig, optimizer_identity: str) -> str:
 async def run(config: EvalConfig, items: list[EvalItem]) -> tuple[str, int]:
     from training.optimizing import start_optimizer
 
-    optimizer = await start_optimizer(config.optimizer, seed=config.seed)
+    optimizer = await start_optimizer(config.optimizer, seed=config.seed, max_new_tokens=config.max_new_tokens)
     try:
         target, judge = build_clients(config)
         runner = Runner(config, optimizer, run_identity(config, optimizer.identity), target, judge)

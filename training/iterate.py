@@ -27,6 +27,7 @@ class IterateConfig:
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
     concurrency: int = field(default=8, metadata={"help": "prompts in flight at once"})
     seed: int | None = field(default=None, metadata={"help": "optimizer sampling seed"})
+    max_new_tokens: int = field(default=256, metadata={"help": "optimizer rewrite token limit"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -37,7 +38,7 @@ async def iterate(config: IterateConfig, prompts: list[Record]) -> int:
     from training.optimizing import optimize_rounds, start_optimizer
 
     mode: Mode = "aggressive" if config.mode == "aggressive" else "stable"
-    optimizer = await start_optimizer(config.optimizer, seed=config.seed)
+    optimizer = await start_optimizer(config.optimizer, seed=config.seed, max_new_tokens=config.max_new_tokens)
     errors = 0
     try:
         done = {record["key"] for record in read_done(config.output)}

@@ -164,13 +164,16 @@ def build_trainer(config: TrainConfig, prepared: Prepared) -> SFTTrainer:
     on_gpu = torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None else on_gpu
-    model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.bfloat16 if bf16 else torch.float32)
+    # A full fine-tune keeps fp32 master weights and runs bf16 under autocast: updates of lr 2e-5 would
+    # vanish in bf16 weights. LoRA trains fp32 adapters on a frozen base, so the base may sit in bf16.
+    dtype = torch.bfloat16 if bf16 and config.lora else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(config.base, dtype=dtype)
     args = SFTConfig(
         output_dir=str(Path(config.output) / "checkpoints"), max_length=None, packing=False,
         num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
         lr_scheduler_type="linear", warmup_steps=config.warmup_ratio, optim="adamw_torch",
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation, bf16=bf16,
+        gradient_accumulation_steps=config.gradient_accumulation, bf16=bf16, use_cpu=bf16 and not on_gpu,
         activation_checkpointing=checkpointing, dataloader_pin_memory=on_gpu,
         logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,

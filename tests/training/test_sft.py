@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,17 @@ def test_bad_training_input_is_one_line_of_error(tiny_model_dir: Path, tmp_path:
     code = main(["train", "--base", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o")])
     assert code == 2
     assert "pair 1 needs string prompt and optimized_prompt" in capsys.readouterr().err
+
+
+def test_the_gpu_settings_bf16_and_activation_checkpointing_also_run_on_cpu(
+        tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+    output = tmp_path / "bf16"
+    code = main(["train", "--base", str(tiny_model_dir), "--data", str(pairs_file), "--output", str(output),
+                 "--max-steps", "2", "--batch-size", "4", "--bf16", "--gradient-checkpointing", "--lora",
+                 "--logging-steps", "1"])
+    assert code == 0
+    manifest = read_manifest(output)
+    assert manifest is not None
+    assert manifest.hyperparameters["bf16"] is True and manifest.hyperparameters["gradient_checkpointing"] is True
+    assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
+    assert manifest.metrics["steps"] == 2 and math.isfinite(manifest.metrics["last_loss"])
