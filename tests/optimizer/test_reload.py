@@ -143,25 +143,28 @@ async def test_reload_real_models_under_load_fails_no_request(tiny_model_dir: Pa
     while optimizer.status().state == "loading":
         await asyncio.sleep(0.02)
     assert optimizer.identity == "hf:bpo-tiny@1"
-    served: list[str] = []
-    stop = asyncio.Event()
+    served: list[tuple[bool, str]] = []  # (started after the swap, optimizer that served it)
+    swapped = stop = False
 
     async def client(index: int) -> None:
-        while not stop.is_set():
+        while not stop:
+            after_swap = swapped
             rewrite = await optimizer.optimize(f"prompt {index}", "aggressive" if index % 2 else "stable")
-            served.append(rewrite.optimizer)
+            served.append((after_swap, rewrite.optimizer))
 
     clients = [asyncio.create_task(client(i)) for i in range(6)]
     try:
         await asyncio.sleep(0.3)
         result = await optimizer.reload(f"hf:{second}")
+        # Nothing else ran between the swap inside reload() and this line: later requests must see v2.
+        swapped = True
         assert (result.previous, result.current) == ("hf:bpo-tiny@1", "hf:bpo-tiny@2")
-        served_at_swap = len(served)
         await asyncio.sleep(0.3)
     finally:
-        stop.set()
+        stop = True
         outcomes = await asyncio.gather(*clients, return_exceptions=True)
     assert outcomes == [None] * 6  # not one request failed
-    assert "hf:bpo-tiny@1" in served[:served_at_swap]
-    assert served[-1] == "hf:bpo-tiny@2" and len(served) > served_at_swap
+    assert (False, "hf:bpo-tiny@1") in served
+    after = [name for started_after, name in served if started_after]
+    assert after and set(after) == {"hf:bpo-tiny@2"}
     await optimizer.close()
