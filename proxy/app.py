@@ -23,6 +23,7 @@ from proxy.events import build_sink
 from proxy.feedback import RecentRequests
 from proxy.forward import HttpForwarder
 from proxy.litellm_forward import LiteLLMForwarder
+from proxy.logs import AccessLog
 from proxy.metrics import Metrics
 from proxy.routes import routes
 from proxy.settings import Settings
@@ -76,11 +77,15 @@ def create_app(settings: Settings) -> Starlette:
         providers = LiteLLMForwarder()
         state.shadow = ShadowJudge(settings, metrics, state.events,
                                    ForwardingControlClient(settings, state.http, providers))
+        state.access_log = AccessLog() if settings.access_log and settings.log_level in ("debug", "info") else None
         state.chat = ChatService(settings, pipeline, state.http, providers, ArmAssigner(settings),
-                                 metrics, state.events, state.recent_requests, state.shadow)
+                                 metrics, state.events, state.recent_requests, state.shadow, state.access_log)
         async with contextlib.AsyncExitStack() as services:
             # Started in order, closed in reverse: the shadow judge's verdicts still reach the events sink.
-            for service in (state.http, state.cache, state.events, state.shadow, state.optimizer):
+            for service in (state.http, state.cache, state.events, state.shadow, state.optimizer,
+                            state.access_log):
+                if service is None:
+                    continue
                 await service.start()
                 services.push_async_callback(service.close)
             if settings.require_optimizer:

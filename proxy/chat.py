@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from optimizer.cache import tenant_of
@@ -24,6 +24,7 @@ from proxy.events import EventSink
 from proxy.feedback import RecentRequests
 from proxy.forward import Exchange, HttpForwarder, Target, resolve_target, upstream_headers
 from proxy.litellm_forward import LiteLLMForwarder
+from proxy.logs import AccessLog
 from proxy.metrics import Metrics
 from proxy.protocol import ChatRequest, parse_chat_request, read_body
 from proxy.rewrite import UserTurn, find_last_user_text, replace_user_text
@@ -73,7 +74,8 @@ class ChatService:
 
     def __init__(self, settings: Settings, pipeline: RewritePipeline, http: HttpForwarder,
                  providers: LiteLLMForwarder, assigner: ArmAssigner, metrics: Metrics, events: EventSink,
-                 recent: RecentRequests, shadow: ShadowJudge | None = None) -> None:
+                 recent: RecentRequests, shadow: ShadowJudge | None = None,
+                 access_log: AccessLog | None = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.http = http
@@ -83,6 +85,7 @@ class ChatService:
         self.events = events
         self.recent = recent
         self.shadow = shadow
+        self.access_log = access_log
 
     async def handle(self, request: Request) -> Response:
         arrived = time.perf_counter()
@@ -95,6 +98,8 @@ class ChatService:
             response = exc.response()
             response.headers["x-request-id"] = request_id
             return response
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to forward
+            return Response(status_code=499)
 
     async def _serve(self, request: Request, headers: dict[str, str], request_id: str,
                      arrived: float) -> Response:
@@ -161,7 +166,10 @@ class ChatService:
             body = {k: v for k, v in body.items() if k != "model"}
         else:
             body = {**body, "model": target.model}
-        return json.dumps(body, ensure_ascii=False).encode()
+        try:
+            return json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate escape the client sent: keep it escaped
+            return json.dumps(body).encode()
 
     @staticmethod
     def _url(target: Target) -> tuple[str, dict[str, str] | None]:
@@ -196,8 +204,8 @@ class ChatService:
         self.metrics.observe_request(arm, rewritten.applied, rewritten.reason or "", total,
                                      exchange.upstream_seconds, exchange.usage)
         self.recent.remember(request_id, arm)
-        if log.isEnabledFor(logging.INFO):  # never the prompt: it may hold personal data
-            log.info("chat completion", extra={
+        if self.access_log is not None:  # never the prompt: it may hold personal data
+            self.access_log.record({
                 "request_id": request_id, "model": chat.model, "status": exchange.status, "arm": arm,
                 "applied": rewritten.applied, "reason": rewritten.reason, "cache": rewritten.cache,
                 "latency_ms": round(total * 1000, 2)})

@@ -8,6 +8,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from proxy.errors import NotFound, ProxyError
 from proxy.feedback import feedback_endpoint
@@ -15,9 +16,17 @@ from proxy.forward import Exchange, upstream_headers
 from proxy.protocol import read_body
 
 
-async def chat_completions(request: Request) -> Response:
-    response: Response = await request.app.state.chat.handle(request)
-    return response
+class ChatCompletions:
+    """The hot route as a bare ASGI app: starlette's per-request wrapper layers cost more than they give here.
+
+    ``ChatService.handle`` turns every ``ProxyError`` into a response itself; anything else still reaches
+    the app's error middleware.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response: Response = await request.app.state.chat.handle(request)
+        await response(scope, receive, send)
 
 
 async def list_models(request: Request) -> Response:
@@ -92,7 +101,7 @@ async def metrics(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/chat/completions", ChatCompletions(), methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/bpo/feedback", feedback_endpoint, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),

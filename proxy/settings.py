@@ -86,6 +86,7 @@ class Settings:
     shadow_max_per_minute: int = _opt(60, "most shadow judgements started per minute")
     admin_key: str | None = _opt(None, "bearer key for /admin/* (admin endpoints are off without it)")
     log_level: str = _opt("info", "log level: debug | info | warning | error")
+    access_log: bool = _opt(True, "one JSON line per chat completion (at log level info or below)")
     model_list: tuple[ModelRoute, ...] = field(
         default=(), metadata={"help": "LiteLLM-style routes (config file only)", "config_only": True}
     )

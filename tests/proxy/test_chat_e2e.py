@@ -201,3 +201,25 @@ def test_long_prompts_are_left_alone(upstream: FakeUpstream, start_proxy: StartP
                                                            messages=[{"role": "user", "content": prompt}])
     assert raw.headers["x-bpo-reason"] == "too-long"
     assert upstream.requests_to("/v1/completions") == []
+
+
+def test_values_json_allows_but_fast_parsers_refuse_survive_the_rewrite(upstream: FakeUpstream,
+                                                                      proxy: RunningProxy) -> None:
+    raw = b'{"model": "fake-model", "seed": 123456789012345678901234567890, "temperature": 1e2, ' \
+          b'"messages": [{"role": "user", "content": "Caf\\u00e9 \\ud83d\\ude00 prices"}]}'
+    response = httpx.post(proxy.base_url + "/chat/completions", content=raw,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    sent = upstream.requests_to("/v1/chat/completions")[-1].json
+    assert sent["seed"] == 123456789012345678901234567890 and sent["temperature"] == 100.0
+    assert sent["messages"][0]["content"] == default_rewrite("Café 😀 prices")
+
+
+def test_a_lone_surrogate_escape_is_forwarded_not_a_500(upstream: FakeUpstream, proxy: RunningProxy) -> None:
+    raw = b'{"model": "fake-model", "messages": [{"role": "system", "content": "odd \\ud800 char"}, ' \
+          b'{"role": "user", "content": "Summarize this"}]}'
+    response = httpx.post(proxy.base_url + "/chat/completions", content=raw,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    sent = upstream.requests_to("/v1/chat/completions")[-1].json
+    assert sent["messages"][0]["content"] == "odd \ud800 char"
