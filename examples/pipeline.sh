@@ -49,4 +49,8 @@ bpo eval --prompts "$DATA/vicuna_eval.jsonl" --prompts "$DATA/dolly_eval.json" \
   --judge-model fake-judge --judge-base-url "$BASE_URL" \
   --output "$WORK/eval/results.jsonl" --plot "$WORK/eval/win_tie_loss.png" --no-progress
 
-echo "== outputs in $WORK: pairs.jsonl (+ .rejected.jsonl, .run.json), model/ (bpo_manifest.json), eval/"
+echo "== 4. data iterate: the trained optimizer rewrites 8 Vicuna prompts, then its own rewrites again"
+bpo data iterate --input "$DATA/vicuna_eval.jsonl" --limit 8 --rounds 2 --optimizer "hf:$WORK/model" \
+  --max-new-tokens 96 --seed 0 --output "$WORK/iterated.jsonl" --no-progress
+
+echo "== outputs in $WORK: pairs.jsonl (+ .rejected.jsonl, .run.json), model/ (bpo_manifest.json), eval/, iterated.jsonl"

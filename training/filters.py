@@ -49,9 +49,18 @@ def rejection_reason(instruction: str, optimized: str, rules: FilterRules) -> st
     ratio = length_ratio_violation(instruction, optimized, rules)
     if ratio:
         return f"length-ratio-{ratio}"
-    if rules.require_protected_spans and any(span not in optimized for span in protected_spans(instruction)):
+    if rules.require_protected_spans and not all(span_kept(span, optimized) for span in protected_spans(instruction)):
         return "lost-protected-span"
     return None
+
+
+def span_kept(span: str, rewrite: str) -> bool:
+    """Code must come back exactly; a quoted passage must keep its words, while its quote marks and a
+    trailing punctuation mark may move (``"sight."`` -> ``"sight".``)."""
+    if span.startswith("`"):
+        return span in rewrite
+    inner = span[1:-1].strip().rstrip(".,;:!?").strip()
+    return inner in rewrite
 
 
 def place_context(instruction: str, context: str, optimized: str) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def plot_tallies(tallies: Sequence[Tally], path: str | Path, title: str) -> None
     wins = [t.percent(t.win) for t in tallies]
     ties = [t.percent(t.tie) for t in tallies]
     losses = [t.percent(t.loss) for t in tallies]
-    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.6 * len(tallies)))
+    figure, axes = plt.subplots(figsize=(8, 2.0 + 0.6 * len(tallies)))
     axes.barh(names, wins, color="#2e7d32", label="win")
     axes.barh(names, ties, left=wins, color="#9e9e9e", label="tie")
     axes.barh(names, losses, left=[w + t for w, t in zip(wins, ties, strict=True)], color="#c62828",
@@ -62,10 +63,10 @@ def plot_tallies(tallies: Sequence[Tally], path: str | Path, title: str) -> None
         axes.text(101, row, f"ΔWR {tally.delta_wr:+.1f}", va="center")
     axes.set_xlim(0, 118)
     axes.set_xlabel("% of judged prompts (optimized vs original)")
-    axes.set_title(title)
+    axes.set_title(textwrap.fill(title, 80), fontsize="medium")
     axes.invert_yaxis()
-    axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize="small", frameon=False)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)

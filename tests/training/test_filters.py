@@ -36,6 +36,8 @@ def test_a_rewrite_that_drops_a_quoted_span_is_rejected() -> None:
     original = 'Translate "Guten Morgen" into English.'
     assert rejection_reason(original, "Translate the German greeting into English.", RULES) == "lost-protected-span"
     assert rejection_reason(original, 'Translate the German greeting "Guten Morgen" into English.', RULES) is None
+    assert rejection_reason('Select the homophone for "sight."', 'Select the homophone for "sight".', RULES) is None
+    assert rejection_reason('Fix `x=1`.', "Fix `x = 1` in the code.", RULES) == "lost-protected-span"
     loose = FilterRules(require_protected_spans=False)
     assert rejection_reason(original, "Translate the German greeting into English.", loose) is None
 
