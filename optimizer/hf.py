@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +87,9 @@ def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
     try:
         device = pick_device(options.device)
         dtype = pick_dtype(device)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(target)
-        model: Any = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        source = _local_or_hub(target)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         model = model.to(device).eval()
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(_out_of_memory(target, device, exc)) from exc
@@ -103,6 +105,12 @@ def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
     return prepare_loaded(target, model, tokenizer, device, str(dtype).removeprefix("torch."))
 
 
+def _local_or_hub(target: str) -> str:
+    """``~/models/bpo`` is a directory; anything that is not an existing path is a hub id."""
+    expanded = os.path.expanduser(target)
+    return expanded if os.path.isdir(expanded) else target
+
+
 def _out_of_memory(target: str, device: str, exc: BaseException) -> str:
     return (f"not enough memory to load hf:{target} on {device} ({_first_line(exc)}): free memory, use a "
             "smaller model, or choose another device with --optimizer-device")
@@ -110,7 +118,7 @@ def _out_of_memory(target: str, device: str, exc: BaseException) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    return text.splitlines()[0][:300].rstrip(".")
 
 
 def prepare_loaded(target: str, model: Any, tokenizer: Any, device: str, dtype: str) -> LoadedModel:
