@@ -127,7 +127,8 @@ class ChatService:
         url, params = self._url(target)
         out_headers = upstream_headers(headers, target.api_key, azure=target.kind == "azure")
         out_headers["content-type"] = "application/json"
-        response = await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params)
+        response = await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params,
+                                           stream=chat.stream)
         return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
 
     def _maybe_shadow(self, response: Response, request_id: str, chat: ChatRequest, decision: ArmDecision,

@@ -113,11 +113,14 @@ class HttpForwarder:
     """One pooled aiohttp session; responses and SSE streams go back byte for byte."""
 
     def __init__(self, timeout: float) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout)
+        # A whole-request deadline for plain answers (one timer per request); for streams an idle deadline
+        # between chunks instead, so a long generation may run as long as tokens keep coming.
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
                                               auto_decompress=False, skip_auto_headers=("User-Agent",))
 
@@ -128,12 +131,13 @@ class HttpForwarder:
     async def forward(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
                       exchange: Exchange, extra_headers: Mapping[str, str],
                       on_done: Callable[[Exchange], None] | None = None,
-                      params: Mapping[str, str] | None = None) -> Response:
+                      params: Mapping[str, str] | None = None, stream: bool = False) -> Response:
         """Send, then relay: a full body, or an SSE stream whose chunks are never re-cut."""
         assert self._session is not None, "HttpForwarder.start() was not awaited"
         started = time.perf_counter()
         try:
-            upstream = await self._session.request(method, url, headers=headers, data=body, params=params)
+            upstream = await self._session.request(method, url, headers=headers, data=body, params=params,
+                                                   timeout=self._stream_timeout if stream else self._timeout)
         except asyncio.TimeoutError as exc:
             raise UpstreamTimeout(f"The upstream did not answer in time: {url}") from exc
         except aiohttp.ClientError as exc:
