@@ -38,13 +38,13 @@ class RewritePipeline:
     """Turns a prompt into an :class:`Outcome`; never raises for optimizer or cache faults."""
 
     def __init__(self, optimizer: Optimizer, cache: RewriteCache, *, timeout: float, max_chars: int,
-                 on_optimizer_seconds: Callable[[float], None] | None = None,
+                 on_optimizer_seconds: Callable[[str, float], None] | None = None,
                  on_fail_open: Callable[[str], None] | None = None) -> None:
         self.optimizer = optimizer
         self.cache = cache
         self.timeout = timeout
         self.max_chars = max_chars
-        self._on_seconds = on_optimizer_seconds or (lambda seconds: None)
+        self._on_seconds = on_optimizer_seconds or (lambda backend, seconds: None)
         self._on_fail_open = on_fail_open or (lambda component: None)
 
     async def run(self, text: str, mode: Mode, tenant: str = "") -> Outcome:
@@ -86,7 +86,8 @@ class RewritePipeline:
     async def _compute(self, text: str, mode: Mode) -> CachedRewrite:
         started = time.perf_counter()
         rewrite = await self.optimizer.optimize(text, mode)
-        self._on_seconds(time.perf_counter() - started)
+        # The backend from the identity of the call, so a hot reload to another backend is labelled right.
+        self._on_seconds(rewrite.optimizer.partition(":")[0], time.perf_counter() - started)
         candidate = rewrite.text.strip()
         if not candidate or candidate == text.strip():
             return CachedRewrite("", UNCHANGED, rewrite.optimizer, time.time())

@@ -68,11 +68,10 @@ def create_app(settings: Settings) -> Starlette:
         state.events = build_sink(settings, metrics)
         state.http = HttpForwarder(settings.upstream_timeout)
         state.recent_requests = RecentRequests()
-        backend = settings.optimizer.partition(":")[0]
         pipeline = RewritePipeline(
             state.optimizer, state.cache, timeout=settings.optimizer_timeout,
             max_chars=settings.max_prompt_chars,
-            on_optimizer_seconds=metrics.optimizer_seconds.labels(backend=backend).observe,
+            on_optimizer_seconds=lambda backend, seconds: metrics.optimizer_seconds.labels(backend).observe(seconds),
             on_fail_open=lambda component: metrics.fail_open.labels(component=component).inc())
         providers = LiteLLMForwarder()
         state.shadow = ShadowJudge(settings, metrics, state.events,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import secrets
@@ -22,7 +21,16 @@ from proxy.ab import ArmAssigner, ArmDecision
 from proxy.errors import ProxyError
 from proxy.events import EventSink
 from proxy.feedback import RecentRequests
-from proxy.forward import Exchange, HttpForwarder, Target, resolve_target, upstream_headers
+from proxy.forward import (
+    Exchange,
+    HttpForwarder,
+    Target,
+    chat_url,
+    encode_body,
+    provider_body,
+    resolve_target,
+    upstream_headers,
+)
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
@@ -124,7 +132,7 @@ class ChatService:
                                                     finish)
             return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
         payload = self._payload(chat, rewritten, target)
-        url, params = self._url(target)
+        url, params = chat_url(target)
         out_headers = upstream_headers(headers, target.api_key, azure=target.kind == "azure")
         out_headers["content-type"] = "application/json"
         response = await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params,
@@ -162,23 +170,7 @@ class ChatService:
     def _payload(chat: ChatRequest, rewritten: Rewritten, target: Target) -> bytes:
         if rewritten.body is None and target.model == chat.model:
             return chat.raw  # untouched: the client's exact bytes
-        body = chat.body if rewritten.body is None else rewritten.body
-        if target.kind == "azure":
-            body = {k: v for k, v in body.items() if k != "model"}
-        else:
-            body = {**body, "model": target.model}
-        try:
-            return json.dumps(body, ensure_ascii=False).encode()
-        except UnicodeEncodeError:  # a lone surrogate escape the client sent: keep it escaped
-            return json.dumps(body).encode()
-
-    @staticmethod
-    def _url(target: Target) -> tuple[str, dict[str, str] | None]:
-        if target.kind == "azure":
-            version = str(target.params.get("api_version", "2024-10-21"))
-            return (f"{target.base_url}/openai/deployments/{target.model}/chat/completions",
-                    {"api-version": version})
-        return f"{target.base_url}/chat/completions", None
+        return encode_body(provider_body(chat.body if rewritten.body is None else rewritten.body, target))
 
     def _bpo_headers(self, request_id: str, decision: ArmDecision, rewritten: Rewritten, debug: bool,
                      overhead_ms: float) -> dict[str, str]:

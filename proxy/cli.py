@@ -23,13 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    import importlib
+    """The other packages' subcommands; each imports its heavy dependencies only when it runs."""
+    from optimizer.cli import register as register_rewrite
+    from proxy.report import register as register_report
+    from training.cli import register as register_training
 
-    for module in ("optimizer.cli", "training.cli", "proxy.report"):
-        try:
-            importlib.import_module(module).register(commands)
-        except ImportError:  # TEMPORARY while the packages land
-            pass
+    register_rewrite(commands)
+    register_training(commands)
+    register_report(commands)
 
 
 def run_serve(args: argparse.Namespace) -> int:

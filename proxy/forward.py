@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -68,6 +69,30 @@ def resolve_target(settings: Settings, model: str) -> Target:
         base = str(params.pop("api_base", None) or params.pop("base_url", None) or DEFAULT_OPENAI_BASE)
         return Target("openai", provider_model, base.rstrip("/"), api_key, params)
     return Target("litellm", f"{provider}/{provider_model}", None, api_key, route.litellm_params)
+
+
+def provider_body(body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+    """The body as the provider takes it: the route's model name (Azure names it in the URL instead)."""
+    if target.kind == "azure":
+        return {k: v for k, v in body.items() if k != "model"}
+    return {**body, "model": target.model}
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """JSON for the upstream: the standard library keeps integers past 64 bits exact (orjson does not)."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate escape the client sent: keep it escaped
+        return json.dumps(body).encode()
+
+
+def chat_url(target: Target) -> tuple[str, dict[str, str] | None]:
+    """The chat completions URL of an OpenAI-wire target, and its query parameters."""
+    if target.kind == "azure":
+        version = str(target.params.get("api_version", "2024-10-21"))
+        return (f"{target.base_url}/openai/deployments/{target.model}/chat/completions",
+                {"api-version": version})
+    return f"{target.base_url}/chat/completions", None
 
 
 def upstream_headers(headers: Mapping[str, str], api_key: str | None, azure: bool = False) -> dict[str, str]:

@@ -24,7 +24,15 @@ from starlette.responses import Response, StreamingResponse
 
 from optimizer.litellm_loader import load_litellm
 from proxy.events import EventSink
-from proxy.forward import Exchange, HttpForwarder, resolve_target, upstream_headers
+from proxy.forward import (
+    Exchange,
+    HttpForwarder,
+    chat_url,
+    encode_body,
+    provider_body,
+    resolve_target,
+    upstream_headers,
+)
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.metrics import Metrics
 from proxy.rewrite import find_last_user_text
@@ -84,27 +92,17 @@ class ForwardingControlClient:
         if target.kind == "litellm":
             response = await self.providers.forward(target, {**body, "model": target.model}, exchange, {})
         else:
-            azure = target.kind == "azure"
-            payload = {k: v for k, v in body.items() if k != "model"} if azure else {**body, "model": target.model}
-            url, params = _chat_url(target.base_url or "", target.model, azure, target.params)
-            out_headers = {**upstream_headers(headers, target.api_key, azure=azure),
+            url, params = chat_url(target)
+            out_headers = {**upstream_headers(headers, target.api_key, azure=target.kind == "azure"),
                            "content-type": "application/json"}
-            response = await self.http.forward("POST", url, out_headers, orjson.dumps(payload), exchange, {},
-                                               None, params)
+            response = await self.http.forward("POST", url, out_headers, encode_body(provider_body(body, target)),
+                                               exchange, {}, None, params)
         if response.status_code != 200:
             raise ShadowError(f"the upstream answered the control request with {response.status_code}")
         text = answer_text(bytes(response.body))
         if text is None:
             raise ShadowError("the control response held no answer text")
         return text
-
-
-def _chat_url(base_url: str, model: str, azure: bool,
-              params: Mapping[str, Any]) -> tuple[str, dict[str, str] | None]:
-    if azure:
-        version = str(params.get("api_version", "2024-10-21"))
-        return f"{base_url}/openai/deployments/{model}/chat/completions", {"api-version": version}
-    return f"{base_url}/chat/completions", None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 # litellm fetches its model cost map from the network at import unless told otherwise.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from tests.fakes.upstream import FakeUpstream  # noqa: E402
+from tests.fakes.upstream import FakeUpstream
 
 # The tiny random-weight Llama (tests/fakes/tiny_model.py), shared by optimizer and training tests.
 pytest_plugins = ["tests.fakes.fixtures"]

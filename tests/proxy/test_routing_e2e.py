@@ -130,6 +130,8 @@ def test_health_readiness_and_metrics(upstream: FakeUpstream, proxy: RunningProx
     (sample,) = [s for s in families["bpo_requests"].samples if s.name == "bpo_requests_total"]
     assert sample.labels == {"arm": "none", "applied": "true", "reason": ""} and sample.value == 1
     assert families["bpo_cache_events"].samples
+    optimizer_counts = [s for s in families["bpo_optimizer_seconds"].samples if s.name.endswith("_count")]
+    assert [(s.labels, s.value) for s in optimizer_counts] == [({"backend": "remote"}, 1.0)]
     upstream_tokens = [s for s in families["bpo_upstream_tokens"].samples if s.name.endswith("_total")]
     assert {s.labels["kind"]: s.value for s in upstream_tokens} == {
         "prompt": answer.usage.prompt_tokens, "completion": answer.usage.completion_tokens}
