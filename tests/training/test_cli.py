@@ -70,6 +70,6 @@ def test_bpo_data_build_runs_through_the_entry_point(upstream: FakeUpstream, tmp
                     "--critic-base-url", upstream.base_url, "--limit", "2", "--no-progress"],
                    env=ENV, capture_output=True, text=True, check=True)
     pairs = read_records(output)
-    assert [pair["instruction"] for pair in pairs] == ["Name a famous scientist who won a Nobel Prize.",
-                                                       "Summarize the paragraph in one sentence."]
+    assert sorted(pair["instruction"] for pair in pairs) == ["Name a famous scientist who won a Nobel Prize.",
+                                                             "Summarize the paragraph in one sentence."]
     assert len(upstream.requests_to("/v1/chat/completions")) == 2
