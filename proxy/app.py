@@ -89,7 +89,6 @@ def create_app(settings: Settings) -> Starlette:
                 services.push_async_callback(service.close)
             if settings.require_optimizer:
                 await _require(state.optimizer)
-            _warn_if_failed(state.optimizer)
             services.callback(install_sighup(state.optimizer))
             yield
 
@@ -104,13 +103,6 @@ async def _require(optimizer: Optimizer) -> None:
     if status.state != "ready":
         log.error("--require-optimizer: optimizer %s is %s: %s", status.optimizer, status.state, status.detail)
         raise StartupError(f"--require-optimizer: optimizer {status.optimizer} is {status.state}: {status.detail}")
-
-
-def _warn_if_failed(optimizer: Optimizer) -> None:
-    status = optimizer.status()
-    if status.state == "failed":
-        log.warning("optimizer %s failed to load; serving as a transparent passthrough: %s",
-                    status.optimizer, status.detail)
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:

@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -126,18 +126,27 @@ class ChatService:
 
         # Overhead so far; the relay adds nothing but byte copies after the upstream's headers arrive.
         extra = self._bpo_headers(request_id, decision, rewritten, debug, (sent - arrived) * 1000)
-        body = chat.body if rewritten.body is None else rewritten.body
+        try:
+            response = await self._send(chat, rewritten, target, headers, exchange, extra, finish)
+        except ProxyError as exc:  # the upstream failed: still a chat completion, headed and counted
+            exchange.status, exchange.error = exc.status, exc.message
+            finish(exchange)
+            failed = exc.response()
+            failed.headers.update(extra)
+            return failed
+        return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
+
+    async def _send(self, chat: ChatRequest, rewritten: Rewritten, target: Target, headers: Mapping[str, str],
+                    exchange: Exchange, extra: dict[str, str], finish: Callable[[Exchange], None]) -> Response:
         if target.kind == "litellm":
-            response = await self.providers.forward(target, {**body, "model": target.model}, exchange, extra,
-                                                    finish)
-            return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
+            body = chat.body if rewritten.body is None else rewritten.body
+            return await self.providers.forward(target, {**body, "model": target.model}, exchange, extra, finish)
         payload = self._payload(chat, rewritten, target)
         url, params = chat_url(target)
         out_headers = upstream_headers(headers, target.api_key, azure=target.kind == "azure")
         out_headers["content-type"] = "application/json"
-        response = await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params,
-                                           stream=chat.stream)
-        return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
+        return await self.http.forward("POST", url, out_headers, payload, exchange, extra, finish, params,
+                                       stream=chat.stream)
 
     def _maybe_shadow(self, response: Response, request_id: str, chat: ChatRequest, decision: ArmDecision,
                       rewritten: Rewritten, headers: Mapping[str, str]) -> Response:

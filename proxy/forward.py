@@ -13,6 +13,7 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
+from yarl import URL
 
 from proxy.errors import NotFound, UpstreamTimeout, UpstreamUnreachable
 from proxy.settings import Settings
@@ -24,7 +25,7 @@ OPENAI_WIRE_PROVIDERS = {"openai", "hosted_vllm", "openai_like", "custom_openai"
 DEFAULT_OPENAI_BASE = "https://api.openai.com/v1"
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "content-encoding",
+    "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
 })
 USAGE_TAIL_BYTES = 8192
 
@@ -153,7 +154,7 @@ class HttpForwarder:
         if self._session is not None:
             await self._session.close()
 
-    async def forward(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
+    async def forward(self, method: str, url: str | URL, headers: Mapping[str, str], body: bytes,
                       exchange: Exchange, extra_headers: Mapping[str, str],
                       on_done: Callable[[Exchange], None] | None = None,
                       params: Mapping[str, str] | None = None, stream: bool = False) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -11,13 +12,32 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from optimizer.litellm_loader import load_litellm
-from proxy.errors import UpstreamError, UpstreamUnreachable, error_body
+from proxy.errors import InvalidRequest, UpstreamError, UpstreamUnreachable, error_body
 from proxy.forward import Exchange, Target
 
 log = logging.getLogger("bpo.forward")
 
 # Fields the gateway passes to litellm as named arguments rather than provider extras.
 _OWN_FIELDS = ("model", "messages", "stream")
+# Call settings litellm reads from the same keyword arguments as the request's fields, beyond its own list
+# (litellm.types.utils.all_litellm_params): endpoints and provider credentials. A client must never set them:
+# {"api_base": "http://attacker"} would send the route's configured key there.
+_PROVIDER_SETTINGS = frozenset({
+    "api_base", "base_url", "api_key", "api_version", "organization", "project", "extra_headers", "headers",
+    "timeout", "deployment_id", "azure_ad_token", "azure_ad_token_provider", "aws_access_key_id",
+    "aws_secret_access_key", "aws_session_token", "aws_region_name", "aws_role_name", "aws_profile_name",
+    "aws_web_identity_token", "aws_bedrock_runtime_endpoint", "aws_sts_endpoint", "vertex_project",
+    "vertex_location", "vertex_credentials", "vertex_ai_project", "vertex_ai_location", "watsonx_region_name",
+    "custom_llm_provider", "mock_response",
+})
+
+
+def client_settable(field: str, litellm: Any) -> bool:
+    """Whether a request field may reach ``litellm.acompletion``: no litellm call setting, no credential."""
+    lowered = field.lower()
+    return not (field in _PROVIDER_SETTINGS or field in litellm.types.utils.all_litellm_params
+                or lowered.startswith(("litellm", "aws_", "vertex_", "azure_"))
+                or any(word in lowered for word in ("api_key", "secret", "token_file", "credential")))
 
 
 def _as_proxy_error(exc: Exception) -> UpstreamError | UpstreamUnreachable:
@@ -41,6 +61,11 @@ class LiteLLMForwarder:
         litellm = load_litellm()
         stream = bool(body.get("stream"))
         kwargs = {k: v for k, v in body.items() if k not in _OWN_FIELDS}
+        refused = sorted(field for field in kwargs if not client_settable(field, litellm))
+        if refused:
+            raise InvalidRequest(f"{', '.join(refused)}: provider settings cannot be set in a request; "
+                                 "they belong to the gateway's model_list.",
+                                 param=refused[0], code="unsupported_parameter")
         params = {k: v for k, v in target.params.items() if k != "model"}
         if target.api_key:
             params["api_key"] = target.api_key
@@ -76,5 +101,10 @@ class LiteLLMForwarder:
             log.warning("provider stream failed: %s", error.message)
             yield b"data: " + error_body(error.status, error.message, error.type, None, error.code) + b"\n\n"
         finally:
+            # A client that went away must cancel the provider's generation too, not leave it to the GC.
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
             if on_done is not None:
                 on_done(exchange)

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from proxy.errors import NotFound, ProxyError
 from proxy.feedback import feedback_endpoint
@@ -30,20 +31,23 @@ class ChatCompletions:
 
 
 async def list_models(request: Request) -> Response:
-    """The configured routes, then (with an upstream base URL) the upstream's own models."""
-    state = request.app.state
-    settings = state.settings
+    """The configured routes, then (with an upstream base URL) the upstream's own models.
+
+    When the upstream cannot list its models, the configured routes still answer; with none configured
+    the upstream's error is the answer.
+    """
+    settings = request.app.state.settings
     data: list[dict[str, Any]] = [{"id": route.model_name, "object": "model", "created": 0,
                                    "owned_by": "bpo-proxy"} for route in settings.model_list]
-    if settings.upstream_base_url:
-        try:
-            upstream = await _forward(request, "/models")
-        except ProxyError as exc:
-            return exc.response() if not data else JSONResponse({"object": "list", "data": data})
-        if upstream.status_code != 200 or data:
-            return upstream if upstream.status_code != 200 else _merge_models(data, bytes(upstream.body))
-        return upstream
-    return JSONResponse({"object": "list", "data": data})
+    if not settings.upstream_base_url:
+        return JSONResponse({"object": "list", "data": data})
+    try:
+        upstream = await _forward(request, "/models")
+    except ProxyError as exc:
+        return JSONResponse({"object": "list", "data": data}) if data else exc.response()
+    if upstream.status_code != 200:
+        return JSONResponse({"object": "list", "data": data}) if data else upstream
+    return _merge_models(data, bytes(upstream.body)) if data else upstream
 
 
 def _merge_models(configured: list[dict[str, Any]], upstream_body: bytes) -> Response:
@@ -58,22 +62,25 @@ def _merge_models(configured: list[dict[str, Any]], upstream_body: bytes) -> Res
 
 async def passthrough(request: Request) -> Response:
     """Any other ``/v1/*`` goes to the upstream unchanged (embeddings, files, responses, ...)."""
+    # The raw path and query, as sent: decoding would turn %2F into a path separator and drop repeated keys.
+    raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    query: bytes = request.scope.get("query_string", b"")
+    tail = raw_path.decode("latin-1").removeprefix("/v1") + ("?" + query.decode("latin-1") if query else "")
     try:
-        return await _forward(request, "/" + request.path_params["path"])
+        return await _forward(request, tail)
     except ProxyError as exc:
         return exc.response()
 
 
-async def _forward(request: Request, path: str) -> Response:
+async def _forward(request: Request, path_and_query: str) -> Response:
     settings = request.app.state.settings
     if not settings.upstream_base_url:
-        raise NotFound(f"No upstream is configured for /v1{path}; set --upstream-base-url.",
+        raise NotFound(f"No upstream is configured for /v1{path_and_query}; set --upstream-base-url.",
                        code="no_upstream")
     body = await read_body(request, settings.max_body_bytes)
     headers = upstream_headers(request.headers, settings.upstream_api_key)
-    url = settings.upstream_base_url.rstrip("/") + path
-    response: Response = await request.app.state.http.forward(
-        request.method, url, headers, body, Exchange(), {}, None, dict(request.query_params) or None)
+    url = URL(settings.upstream_base_url.rstrip("/") + path_and_query, encoded=True)
+    response: Response = await request.app.state.http.forward(request.method, url, headers, body, Exchange(), {})
     return response
 
 

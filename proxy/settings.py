@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "BPO_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LITELLM_SECTIONS = frozenset({"model_list", "litellm_settings", "general_settings", "router_settings",
                               "environment_variables"})
 
@@ -85,7 +86,7 @@ class Settings:
     shadow_rate: float = _opt(0.05, "fraction of treatment requests judged in the shadow")
     shadow_max_per_minute: int = _opt(60, "most shadow judgements started per minute")
     admin_key: str | None = _opt(None, "bearer key for /admin/* (admin endpoints are off without it)")
-    log_level: str = _opt("info", "log level: debug | info | warning | error")
+    log_level: str = _opt("info", "log level: debug | info | warning | error", choices=LOG_LEVELS)
     access_log: bool = _opt(True, "one JSON line per chat completion (at log level info or below)")
     model_list: tuple[ModelRoute, ...] = field(
         default=(), metadata={"help": "LiteLLM-style routes (config file only)", "config_only": True}
@@ -162,7 +163,7 @@ def load_settings(
     env_values = {n: _coerce(n, environ[env_name(n)], env_name(n)) for n, f in FIELDS.items()
                   if env_name(n) in environ and not f.metadata.get("config_only")}
     config_path = flags.get("config") or env_values.get("config")
-    values: dict[str, Any] = _read_config(Path(config_path)) if config_path else {}
+    values: dict[str, Any] = _read_config(Path(config_path), environ) if config_path else {}
     values.update(env_values)
     values.update({n: _coerce(n, v, flag_name(n)) for n, v in flags.items()})
     settings = Settings(**values)
@@ -170,7 +171,7 @@ def load_settings(
     return settings
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
@@ -189,11 +190,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     if unknown:
         raise SettingsError(f"--config: unknown setting(s) {', '.join(unknown)} in {path}")
     values = {k: _coerce(k, v, f"{path}: {k}") for k, v in values.items()}
-    values["model_list"] = _parse_model_list(raw.get("model_list") or [], path)
+    values["model_list"] = _parse_model_list(raw.get("model_list") or [], path, environ)
     return values
 
 
-def _parse_model_list(entries: Sequence[Any], path: Path) -> tuple[ModelRoute, ...]:
+def _parse_model_list(entries: Sequence[Any], path: Path, environ: Mapping[str, str]) -> tuple[ModelRoute, ...]:
     routes = []
     for index, entry in enumerate(entries):
         where = f"--config: {path}: model_list[{index}]"
@@ -202,16 +203,22 @@ def _parse_model_list(entries: Sequence[Any], path: Path) -> tuple[ModelRoute, .
         params = entry.get("litellm_params")
         if not isinstance(params, dict) or not isinstance(params.get("model"), str):
             raise SettingsError(f"{where} needs litellm_params.model")
-        routes.append(ModelRoute(entry["model_name"], _resolve_env_refs(params)))
+        if params["model"].startswith("azure/") and not params.get("api_base"):
+            raise SettingsError(f"{where}: an azure/ model needs litellm_params.api_base")
+        routes.append(ModelRoute(entry["model_name"], _resolve_env_refs(params, environ, where)))
     return tuple(routes)
 
 
-def _resolve_env_refs(params: Mapping[str, Any]) -> dict[str, Any]:
-    """LiteLLM's ``os.environ/NAME`` convention keeps keys out of config files."""
+def _resolve_env_refs(params: Mapping[str, Any], environ: Mapping[str, str], where: str) -> dict[str, Any]:
+    """LiteLLM's ``os.environ/NAME`` convention keeps keys out of config files; an unset NAME is an error,
+    never an empty key (which would let the client's own key reach this provider)."""
     resolved = {}
     for key, value in params.items():
         if isinstance(value, str) and value.startswith("os.environ/"):
-            value = os.environ.get(value.removeprefix("os.environ/"), "")
+            name = value.removeprefix("os.environ/")
+            if not environ.get(name):
+                raise SettingsError(f"{where}.litellm_params.{key}: environment variable {name} is not set")
+            value = environ[name]
         resolved[key] = value
     return resolved
 
@@ -224,6 +231,13 @@ def validate(settings: Settings) -> None:
         (settings.max_prompt_chars > 0, "max_prompt_chars", "must be positive"),
         (settings.max_body_bytes > 0, "max_body_bytes", "must be positive"),
         (settings.optimizer_max_batch_size >= 1, "optimizer_max_batch_size", "must be at least 1"),
+        (settings.optimizer_max_new_tokens >= 1, "optimizer_max_new_tokens", "must be at least 1"),
+        (settings.optimizer_max_wait_ms >= 0, "optimizer_max_wait_ms", "must not be negative"),
+        (settings.cache_ttl_seconds >= 1, "cache_ttl_seconds", "must be at least 1"),
+        (settings.cache_max_entries >= 0, "cache_max_entries", "must not be negative (0: no in-process tier)"),
+        (settings.cache_max_bytes >= 0, "cache_max_bytes", "must not be negative"),
+        (settings.shadow_max_per_minute >= 0, "shadow_max_per_minute", "must not be negative"),
+        (settings.log_level.lower() in LOG_LEVELS, "log_level", "must be one of " + ", ".join(LOG_LEVELS)),
         (settings.mode in ("stable", "aggressive"), "mode", "must be stable or aggressive"),
         (0 <= settings.shadow_rate <= 1, "shadow_rate", "must be between 0 and 1"),
         (_spec_ok(settings.optimizer, ("none", "hf:", "remote:", "llm:")), "optimizer",

@@ -1,8 +1,9 @@
 """Shadow judging: for sampled treatment requests, fetch the control answer and ask a judge which is better.
 
 Everything here runs after the user's response is complete, in background tasks with bounded
-concurrency and a per-minute budget. The judge sees both orders (treatment first, then control
-first); a verdict that changes with the order is a tie.
+concurrency and a per-minute budget; the little that runs inside the request (sampling, reading the
+answer) fails open, counted in ``bpo_fail_open_total{component="shadow"}``. The judge sees both orders
+(treatment first, then control first); a verdict that changes with the order is a tie.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -123,17 +124,30 @@ def control_body(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def answer_text(payload: bytes) -> str | None:
-    """The first choice's text from a chat completion JSON body or from its SSE stream."""
+    """The first choice's text from a chat completion JSON body or from its SSE stream; None for any other
+    shape (this runs inside the user's request, so an odd upstream body must never raise)."""
     stripped = payload.lstrip()
     if stripped.startswith(b"{"):
         try:
-            choices = orjson.loads(stripped).get("choices") or []
-        except (orjson.JSONDecodeError, AttributeError):
+            body = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
             return None
-        first = next((c for c in choices if c.get("index", 0) == 0), None)
-        content = ((first or {}).get("message") or {}).get("content")
+        first = next(_first_choices(body), None)
+        content = _field(_field(first, "message"), "content")
         return content if isinstance(content, str) else None
     return _sse_text(payload)
+
+
+def _field(value: Any, name: str) -> Any:
+    """``value[name]`` when ``value`` is a JSON object, else None."""
+    return value.get(name) if isinstance(value, dict) else None
+
+
+def _first_choices(body: Any) -> Iterator[dict[str, Any]]:
+    """The choices of index 0 in a completion or chunk body, skipping anything that is not an object."""
+    choices = _field(body, "choices")
+    if isinstance(choices, list):
+        yield from (c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0)
 
 
 def _sse_text(payload: bytes) -> str | None:
@@ -146,10 +160,10 @@ def _sse_text(payload: bytes) -> str | None:
             chunk = orjson.loads(line[5:])
         except orjson.JSONDecodeError:
             continue
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) == 0:
-                seen = True
-                parts.append((choice.get("delta") or {}).get("content") or "")
+        for choice in _first_choices(chunk):
+            seen = True
+            content = _field(choice.get("delta"), "content")
+            parts.append(content if isinstance(content, str) else "")
     return "".join(parts) if seen else None
 
 
@@ -252,8 +266,17 @@ class ShadowJudge:
 
         ``body`` is the request as the client sent it (original prompt), ``headers`` the client's (for the
         control call's auth). A plain response is judged from its body; a stream is read as it passes to
-        the client (bytes untouched) and judged only if it ran to the end.
+        the client (bytes untouched) and judged only if it ran to the end. Fails open: whatever goes wrong
+        here is logged and counted, and the client gets ``response`` as it is.
         """
+        try:
+            return self._attach(response, request_id, body, headers)
+        except Exception:  # the documented fail-open: judging must never cost the user their answer
+            self._fail_open(request_id)
+            return response
+
+    def _attach(self, response: Response, request_id: str, body: Mapping[str, Any],
+                headers: Mapping[str, str]) -> Response:
         if response.status_code != 200 or not self.sample():
             return response
         turn = find_last_user_text(body.get("messages") or [])
@@ -265,6 +288,10 @@ class ShadowJudge:
             return response
         self._submit_payload(bytes(response.body), job)
         return response
+
+    def _fail_open(self, request_id: str) -> None:
+        log.exception("shadow judging of %s failed open; the response goes out unjudged", request_id)
+        self.metrics.fail_open.labels(component="shadow").inc()
 
     async def _keep_stream(self, chunks: Any, job: ShadowJob) -> Any:
         kept: list[bytes] = []
@@ -285,7 +312,10 @@ class ShadowJudge:
             if close is not None:
                 await close()
             if complete and size <= MAX_KEPT_ANSWER_BYTES:
-                self._submit_payload(b"".join(kept), job)
+                try:
+                    self._submit_payload(b"".join(kept), job)
+                except Exception:  # the same fail-open: the stream has reached the client, keep its end clean
+                    self._fail_open(job.request_id)
             elif not complete:
                 self.metrics.shadow_skipped.labels(reason="incomplete").inc()
             else:

@@ -31,6 +31,8 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    raw_path: str = ""
+    query: str = ""
 
     @property
     def json(self) -> Any:
@@ -157,7 +159,9 @@ class FakeUpstream:
         return Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST", "DELETE", "PUT"])])
 
     async def _handle(self, request: Request) -> Response:
-        recorded = Recorded(request.method, request.url.path, dict(request.headers), await request.body())
+        recorded = Recorded(request.method, request.url.path, dict(request.headers), await request.body(),
+                            request.scope.get("raw_path", b"").decode("latin-1"),
+                            request.scope.get("query_string", b"").decode("latin-1"))
         with self._lock:
             self.requests.append(recorded)
         reply = self._reply_for(recorded)

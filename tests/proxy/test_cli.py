@@ -44,7 +44,8 @@ def test_a_bad_setting_exits_2_with_a_message_naming_it() -> None:
 
 def test_serve_process_proxies_with_settings_from_the_environment(upstream: FakeUpstream) -> None:
     proxy = ProxyProcess(["--optimizer", f"remote:{upstream.base_url}"],
-                         env={"BPO_UPSTREAM_BASE_URL": upstream.base_url, "BPO_CACHE": "none"}).start()
+                         env={"BPO_UPSTREAM_BASE_URL": upstream.base_url, "BPO_CACHE": "none",
+                              "BPO_UPSTREAM_API_KEY": "sk-server-secret-42"}).start()
     try:
         client = openai.OpenAI(base_url=proxy.base_url, api_key="k", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
@@ -57,7 +58,8 @@ def test_serve_process_proxies_with_settings_from_the_environment(upstream: Fake
     (entry,) = [e for e in logged if e.get("request_id") == request_id]
     assert entry["message"] == "chat completion" and entry["status"] == 200 and entry["applied"] is True
     assert "Tell a joke" not in output  # prompt text never reaches the logs at INFO
-    assert "Bearer k" not in output
+    assert "Bearer k" not in output and "sk-server-secret-42" not in output  # nor any key
+    assert upstream.requests_to("/v1/chat/completions")[-1].headers["authorization"] == "Bearer sk-server-secret-42"
 
 
 def test_shutdown_drains_an_in_flight_stream(upstream: FakeUpstream) -> None:

@@ -40,6 +40,7 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
      "messages[0].content[0]"),
     (b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
     (b'\xff\xfe not utf-8', None),
+    (b'{"model": "fake-model", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
 ])
 def test_malformed_requests_get_400(proxy: RunningProxy, upstream: FakeUpstream, body: bytes,
                                     param: str | None) -> None:
@@ -91,10 +92,23 @@ def test_upstream_errors_keep_status_and_body(upstream: FakeUpstream, client: op
         assert response.headers["retry-after"] == "7"
 
 
-def test_unreachable_upstream_is_a_502(start_proxy: StartProxy) -> None:
+def test_unreachable_upstream_is_a_502_headed_and_counted(start_proxy: StartProxy) -> None:
     proxy = start_proxy(upstream_base_url="http://127.0.0.1:9/v1")
     response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "m", "messages": USER})
     assert_openai_error(response, 502)
+    assert response.headers["x-bpo-applied"] == "true" and response.headers["x-bpo-cache"] == "miss"
+    assert float(response.headers["x-bpo-overhead-ms"]) >= 0
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert 'bpo_requests_total{applied="true",arm="none",reason=""} 1.0' in metrics
+
+
+def test_silent_upstream_is_a_504(upstream: FakeUpstream, start_proxy: StartProxy) -> None:
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(json={}, delay=2.0)
+    proxy = start_proxy(upstream_timeout=0.3)
+    response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "m", "messages": USER},
+                          headers={"x-bpo": "off"})
+    assert_openai_error(response, 504)
+    assert response.headers["x-bpo-reason"] == "disabled"
 
 
 def test_unknown_model_without_upstream_is_a_404(start_proxy: StartProxy) -> None:

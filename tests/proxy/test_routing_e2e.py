@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from tests.fakes.proxy_server import RunningProxy
 from tests.fakes.upstream import FakeUpstream, Reply, chat_reply, default_rewrite
@@ -135,3 +137,51 @@ def test_health_readiness_and_metrics(upstream: FakeUpstream, proxy: RunningProx
     upstream_tokens = [s for s in families["bpo_upstream_tokens"].samples if s.name.endswith("_total")]
     assert {s.labels["kind"]: s.value for s in upstream_tokens} == {
         "prompt": answer.usage.prompt_tokens, "completion": answer.usage.completion_tokens}
+
+
+@pytest.mark.parametrize("field", ["api_base", "api_key", "base_url", "mock_response", "vertex_credentials",
+                                   "litellm_logging_obj", "extra_headers"])
+def test_litellm_path_refuses_provider_settings_in_the_body(tmp_path: Path, upstream: FakeUpstream,
+                                                            start_proxy: StartProxy, field: str) -> None:
+    """A body field must never redirect the route's configured key to another endpoint."""
+    proxy = start_proxy(config=config_file(tmp_path, upstream), upstream_base_url=None, optimizer="none")
+    response = httpx.post(proxy.base_url + "/chat/completions", timeout=30, json={
+        "model": "translated", "messages": [{"role": "user", "content": "x"}], field: "http://127.0.0.1:9/v1"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field
+    assert upstream.requests_to("/v1/completions") == []
+
+
+def test_passthrough_keeps_the_raw_path_and_repeated_query_keys(upstream: FakeUpstream,
+                                                                proxy: RunningProxy) -> None:
+    response = httpx.get(proxy.base_url + "/files/a%2Fb/content?tag=x&tag=y&q=%3F")
+    assert response.status_code == 200
+    sent = upstream.requests[-1]
+    assert sent.raw_path == "/v1/files/a%2Fb/content"
+    assert sent.query == "tag=x&tag=y&q=%3F"
+
+
+def test_models_still_lists_configured_routes_when_the_upstream_fails(tmp_path: Path, upstream: FakeUpstream,
+                                                                    start_proxy: StartProxy) -> None:
+    upstream.responders["/v1/models"] = lambda rec: Reply(status=500, json={"error": {"message": "down"}})
+    proxy = start_proxy(config=config_file(tmp_path, upstream))
+    assert [m["id"] for m in httpx.get(proxy.base_url + "/models").json()["data"]] == [
+        "house-gpt", "azure-gpt", "translated"]
+    bare = start_proxy()
+    assert httpx.get(bare.base_url + "/models").status_code == 500
+
+
+def test_litellm_stream_client_disconnect_cancels_the_provider_stream(tmp_path: Path, upstream: FakeUpstream,
+                                                                      start_proxy: StartProxy) -> None:
+    pieces = [b'data: {"id": "c", "object": "text_completion", "created": 1, "model": "bpo-fake", '
+              b'"choices": [{"index": 0, "text": "w%d ", "finish_reason": null}]}\n\n' % i for i in range(200)]
+    upstream.responders["/v1/completions"] = lambda rec: Reply(sse=pieces, chunk_delay=0.05)
+    proxy = start_proxy(config=config_file(tmp_path, upstream), upstream_base_url=None, optimizer="none")
+    before = upstream.disconnects
+    body = {"model": "translated", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    with httpx.stream("POST", proxy.base_url + "/chat/completions", json=body, timeout=30) as response:
+        assert next(response.iter_raw()).startswith(b"data: ")
+    deadline = time.monotonic() + 10
+    while upstream.disconnects == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.disconnects == before + 1

@@ -36,9 +36,7 @@ def test_config_path_can_come_from_the_environment(tmp_path: Path) -> None:
     assert load_settings({}, {"BPO_CONFIG": config}).ab_treatment_percent == 25.0
 
 
-def test_litellm_model_list_is_read_and_env_references_resolved(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MY_ANTHROPIC_KEY", "sk-ant-test")
+def test_litellm_model_list_is_read_and_env_references_resolved(tmp_path: Path) -> None:
     config = write(tmp_path, """
         model_list:
           - model_name: claude
@@ -52,7 +50,7 @@ def test_litellm_model_list_is_read_and_env_references_resolved(tmp_path: Path,
         bpo_settings:
           cache: none
     """)
-    settings = load_settings({"config": config}, {})
+    settings = load_settings({"config": config}, {"MY_ANTHROPIC_KEY": "sk-ant-test"})
     assert [r.model_name for r in settings.model_list] == ["claude", "gpt"]
     route = settings.route_for("claude")
     assert route is not None and route.litellm_params["api_key"] == "sk-ant-test"
@@ -67,6 +65,10 @@ def test_litellm_model_list_is_read_and_env_references_resolved(tmp_path: Path,
     ({"events": "kafka:x"}, {}, "--events"),
     ({"ab_treatment_percent": "150"}, {}, "--ab-treatment-percent"),
     ({}, {"BPO_REQUIRE_OPTIMIZER": "maybe"}, "BPO_REQUIRE_OPTIMIZER"),
+    ({}, {"BPO_LOG_LEVEL": "loud"}, "BPO_LOG_LEVEL"),
+    ({"cache_ttl_seconds": "-5"}, {}, "--cache-ttl-seconds"),
+    ({"optimizer_max_new_tokens": "0"}, {}, "--optimizer-max-new-tokens"),
+    ({"cache_max_bytes": "-1"}, {}, "--cache-max-bytes"),
 ])
 def test_bad_settings_fail_with_a_message_naming_them(flags: dict[str, str], env: dict[str, str],
                                                       needle: str) -> None:
@@ -74,10 +76,19 @@ def test_bad_settings_fail_with_a_message_naming_them(flags: dict[str, str], env
         load_settings(flags, env)
 
 
-@pytest.mark.parametrize("text", ["model_list:\n  - model_name: x\n", "nonsense_key: 1\n", "- a list\n", ":\n  bad: ["])
-def test_bad_config_files_are_rejected(tmp_path: Path, text: str) -> None:
-    with pytest.raises(SettingsError, match="--config"):
+@pytest.mark.parametrize(("text", "needle"), [
+    ("model_list:\n  - model_name: x\n", "needs litellm_params.model"),
+    ("nonsense_key: 1\n", "unknown key"),
+    ("- a list\n", "mapping"),
+    (":\n  bad: [", "not valid YAML"),
+    ("model_list:\n  - model_name: a\n    litellm_params: {model: azure/dep}\n", "needs litellm_params.api_base"),
+    ("model_list:\n  - model_name: c\n    litellm_params: {model: anthropic/x, api_key: os.environ/NOPE}\n",
+     "NOPE is not set"),
+])
+def test_bad_config_files_are_rejected(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(SettingsError, match="--config") as caught:
         load_settings({"config": write(tmp_path, text)}, {})
+    assert needle in str(caught.value)
 
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
