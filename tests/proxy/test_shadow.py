@@ -67,7 +67,7 @@ class FakeControl:
 class FakeJudge:
     """Prefers the answer containing ``prefer`` (or always answers ``fixed``); records every prompt."""
 
-    def __init__(self, prefer: str | None = TREATMENT, fixed: str | None = None) -> None:
+    def __init__(self, prefer: str = TREATMENT, fixed: str | None = None) -> None:
         self.prefer, self.fixed = prefer, fixed
         self.prompts: list[str] = []
 
@@ -117,6 +117,22 @@ def test_answer_text_from_json_and_from_sse() -> None:
     stream = b"".join(sse_chunks("m", "hello there", n=2, include_usage=True))
     assert answer_text(stream) == "hello there "
     assert answer_text(b"not a response") is None
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"choices": [1]}', b'{"choices": "ab"}', b'{"choices": [{"message": "x"}]}', b'{"choices": {"0": 1}}',
+    b'{"choices": [{"index": 0, "message": {"content": 5}}]}', b'{"choices": [null, "x"]}', b"{",
+    b'data: {"choices": [1]}\n\ndata: "text"\n\ndata: [1]\n\n',
+    b'data: {"choices": [{"index": 0, "delta": "x"}, {"delta": {"content": 7}}]}\n\n'])
+def test_answer_text_is_none_or_text_for_any_shape_never_an_error(payload: bytes) -> None:
+    text = answer_text(payload)
+    assert text is None or text == ""  # no real answer text in any of them
+
+
+def test_answer_text_skips_odd_choices_to_find_the_first_real_one() -> None:
+    assert answer_text(b'{"choices": [1, "x", {"index": 0, "message": {"content": "yes"}}]}') == "yes"
+    assert answer_text(b'data: {"choices": [2, {"delta": {"content": "a"}}]}\n\n'
+                       b'data: {"choices": [{"delta": {"content": "b"}}]}\n\n') == "ab"
 
 
 def test_the_control_request_asks_for_one_plain_answer() -> None:
@@ -238,6 +254,7 @@ async def test_attach_skips_broken_streams_errors_and_turns_without_user_text() 
     shadow, sink, metrics = make_judge()
     body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
     broken = shadow.attach(StreamingResponse(_stream(sse_chunks("m", TREATMENT), fail_after=2)), "r1", body, {})
+    assert isinstance(broken, StreamingResponse)
     with pytest.raises(ConnectionError):
         _ = [chunk async for chunk in broken.body_iterator]
     shadow.attach(Response(b'{"error": {}}', status_code=429), "r2", body, {})
@@ -245,3 +262,43 @@ async def test_attach_skips_broken_streams_errors_and_turns_without_user_text() 
     await shadow.drain()
     assert sink.events == []
     assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "incomplete"}) == 1
+
+
+class ExplodingHeaders(Mapping[str, str]):
+    """Headers that fail when read: a stand-in for any fault inside ``attach``."""
+
+    def __getitem__(self, key: str) -> str:
+        raise RuntimeError("unreadable headers")
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("unreadable headers")
+
+    def __len__(self) -> int:
+        return 1
+
+
+def fail_open_count(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("bpo_fail_open_total", {"component": "shadow"}) or 0.0
+
+
+async def test_an_odd_upstream_body_is_skipped_and_goes_out_unchanged() -> None:
+    shadow, sink, metrics = make_judge()
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    for payload in (b'{"choices": [1]}', b'{"choices": "ab"}', b'{"choices": [{"message": "x"}]}'):
+        response = Response(payload, media_type="application/json")
+        assert shadow.attach(response, "r", body, {}) is response and response.body == payload
+    await shadow.drain()
+    assert sink.events == [] and fail_open_count(metrics) == 0
+    assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "no-answer"}) == 3
+
+
+async def test_a_fault_inside_attach_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    shadow, sink, metrics = make_judge()
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    payload = orjson.dumps(chat_reply(body, TREATMENT).json)
+    response = Response(payload, status_code=200, media_type="application/json")
+    assert shadow.attach(response, "req_x", body, ExplodingHeaders()) is response
+    assert (response.status_code, response.body) == (200, payload)
+    await shadow.drain()
+    assert sink.events == [] and fail_open_count(metrics) == 1
+    assert "req_x" in caplog.text and "unreadable headers" in caplog.text

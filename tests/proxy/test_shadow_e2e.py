@@ -144,7 +144,7 @@ def test_a_slow_judge_never_delays_the_users_response(judge: FakeUpstream, shado
         assert verdict_counts(shadow_proxy) == {}  # answered while the judgement was still pending
         again = sdk(shadow_proxy).chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": "Another question"}])
-        assert again.choices[0].message.content.startswith("echo: ")
+        assert (again.choices[0].message.content or "").startswith("echo: ")
     finally:
         release.set()
     assert wait_for(lambda: verdict_counts(shadow_proxy).get("win")) == 2
@@ -205,3 +205,23 @@ def test_the_judge_gets_its_own_key_never_the_upstreams(
     (control,) = [r for r in upstream.requests_to("/v1/chat/completions")
                   if r.json["messages"][-1]["content"] == PROMPT]
     assert control.headers["authorization"] == "Bearer sk-upstream"  # the control call is an upstream call
+
+
+def samples(proxy: RunningProxy, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    text = httpx.get(proxy.url + "/metrics").text
+    return {tuple(sorted(s.labels.items())): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name}
+
+
+def test_an_odd_200_body_reaches_the_client_unchanged_while_shadow_judging(
+        upstream: FakeUpstream, judge: FakeUpstream, shadow_proxy: RunningProxy) -> None:
+    odd = b'{"choices": [1]}'
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(
+        raw=odd, headers={"content-type": "application/json"})
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": PROMPT}]}
+    response = httpx.post(shadow_proxy.base_url + "/chat/completions", json=body, timeout=15)
+    assert (response.status_code, response.content) == (200, odd)
+    assert response.headers["x-bpo-applied"] == "true"  # a treatment request, so it was sampled for judging
+    assert samples(shadow_proxy, "bpo_shadow_skipped_total") == {(("reason", "no-answer"),): 1}
+    assert samples(shadow_proxy, "bpo_fail_open_total").get((("component", "shadow"),), 0) == 0
+    assert judge.requests_to("/v1/chat/completions") == []
