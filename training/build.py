@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from training.critic import CRITIC_PROMPT_VERSION, CriticParseError, build_critic_messages, parse_critic_output
 from training.filters import FilterRules, FilterStats, place_context, rejection_reason
+from training.manifest import saved_config
 from training.records import JsonlAppender, Record, read_done, stable_key, write_json
 from training.sources import FORMATS, load_preferences
 
@@ -140,7 +141,7 @@ def main(config: BuildConfig) -> FilterStats:
     todo = [record for record in unique if record["key"] not in done]
     stats.resumed = len(unique) - len(todo)
     asyncio.run(run_critic(todo, config, stats))
-    write_json(config.run_path, {"stage": "data build", "config": asdict(config), "stats": stats.as_dict(),
+    write_json(config.run_path, {"stage": "data build", "config": saved_config(config), "stats": stats.as_dict(),
                                  "critic_prompt_version": CRITIC_PROMPT_VERSION,
                                  "finished": datetime.now(timezone.utc).isoformat()})
     print_stats(stats, config)

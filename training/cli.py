@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import sys
 import types
@@ -40,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         parent = data_commands if path[0] == "data" else subparsers
         parser = parent.add_parser(path[-1], help=summary, description=summary[0].upper() + summary[1:] + ".")
         add_config_arguments(parser, config_class)
-        parser.set_defaults(handler=lambda args, c=config_class, m=module: run_stage(args, c, m))
+        parser.set_defaults(handler=functools.partial(run_stage, config_class=config_class, module=module,
+                                                      command=" ".join(path)))
 
 
 def _flag_type(hint: Any) -> tuple[Any, bool]:
@@ -85,15 +87,29 @@ def config_from_args(args: argparse.Namespace, config_class: type[Any]) -> Any:
     return config_class(**values)
 
 
-def run_stage(args: argparse.Namespace, config_class: type[Any], module: str) -> int:
-    """Build the stage's config from the parsed flags and run its ``main``; user errors become one line."""
+def run_stage(args: argparse.Namespace, config_class: type[Any], module: str, command: str) -> int:
+    """Build the stage's config from the parsed flags and run its ``main``; user errors become one line.
+
+    The one boundary where errors a user can fix (ours, ``TrainingError``; the system's, ``OSError``: a
+    missing file, an unreadable model dir, a full disk) turn into ``bpo <command>: <message>`` and exit
+    status 2. Anything else is a bug and keeps its traceback.
+    """
     config = config_from_args(args, config_class)
     try:
         importlib.import_module(module).main(config)
-    except TrainingError as exc:
-        print(f"bpo: error: {exc}", file=sys.stderr)
+    except (TrainingError, OSError) as exc:
+        print(f"bpo {command}: {describe_error(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def describe_error(exc: Exception) -> str:
+    """One line for the user: an OSError names its file first, like the shell does."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def build_parser() -> argparse.ArgumentParser:

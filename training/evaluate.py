@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from training.judge import (
     parse_verdict,
     tally,
 )
+from training.manifest import saved_config
 from training.records import JsonlAppender, PromptParts, Record, prompt_parts, read_done, read_records, stable_key
 
 if TYPE_CHECKING:
@@ -289,6 +290,6 @@ def main(config: EvalConfig) -> Summary:
     if config.plot and not config.offline:
         plot_tallies(summary.tallies, config.plot, title)
     write_json(Path(config.output).with_suffix(".summary.json"), {
-        "stage": "eval", "config": asdict(config), "run": run_id, "errors": errors, **summary.as_dict(),
+        "stage": "eval", "config": saved_config(config), "run": run_id, "errors": errors, **summary.as_dict(),
         "finished": datetime.now(timezone.utc).isoformat()})
     return summary

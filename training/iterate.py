@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from training.errors import ConfigError
+from training.manifest import saved_config
 from training.records import JsonlAppender, Record, prompt_parts, read_done, read_records, stable_key, write_json
 
 
@@ -74,7 +75,7 @@ def main(config: IterateConfig) -> int:
     prompts = [{"prompt": prompt_parts(r).text} for r in read_records(config.input)[: config.limit]]
     errors = asyncio.run(iterate(config, prompts))
     write_json(Path(config.output).with_suffix(".run.json"), {
-        "stage": "data iterate", "config": asdict(config), "prompts": len(prompts), "errors": errors,
+        "stage": "data iterate", "config": saved_config(config), "prompts": len(prompts), "errors": errors,
         "finished": datetime.now(timezone.utc).isoformat()})
     print(f"wrote {config.output}: {len(prompts) - errors} prompt(s), {config.rounds} round(s) each"
           + (f", {errors} failed (re-run to retry)" if errors else ""))

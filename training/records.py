@@ -23,9 +23,12 @@ def read_records(path: str | Path) -> list[Record]:
     if not stripped:
         return []
     if stripped[0] == "[":
-        records = json.loads(text)
-        _require_objects(records, path)
-        return list(records)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not a valid JSON array ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+                            ) from exc
+        return list(_require_objects(records, path))
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:

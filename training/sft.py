@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from training.errors import ConfigError, DataError
+from training.manifest import saved_config
 from training.records import Record, read_records, sha256_file, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from trl.trainer.sft_trainer import SFTTrainer
 
+Loaded = TypeVar("Loaded")
 CONFIG_NAME = "bpo_train_config.json"
 IGNORE_INDEX = -100  # the label value the loss skips (the prompt's tokens)
 
@@ -119,15 +122,24 @@ def context_limit(base: str, requested: int) -> int:
     """``--max-length``, capped by the base model's position limit."""
     from transformers import AutoConfig
 
-    positions = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None)
+    positions = getattr(from_base(base, AutoConfig.from_pretrained, "config"), "max_position_embeddings", None)
     return min(requested, positions) if isinstance(positions, int) else requested
 
 
-def prepare(config: TrainConfig) -> Prepared:
+def from_base(base: str, load: Callable[[str], Loaded], what: str) -> Loaded:
+    """``load(base)``; transformers' errors for a base that holds no usable model name the flag."""
+    try:
+        return load(base)
+    except (OSError, ValueError) as exc:  # transformers raises either for a wrong path or an empty dir
+        raise ConfigError(f"--base {base}: cannot load its {what}: {exc}") from exc
+
+
+def prepare(config: TrainConfig, pairs: list[Record] | None = None) -> Prepared:
+    """Tokenize ``pairs`` (default: read from ``config.data``) as the trainer and the ``hf:`` backend need."""
     from transformers import AutoTokenizer
 
-    pairs = load_pairs(config.data)
-    tokenizer = AutoTokenizer.from_pretrained(config.base)
+    pairs = load_pairs(config.data) if pairs is None else pairs
+    tokenizer = from_base(config.base, AutoTokenizer.from_pretrained, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss and attention anyway
     if tokenizer.eos_token_id is None:
@@ -234,7 +246,7 @@ def offline_metrics(model: Any, prepared: Prepared, count: int) -> dict[str, Any
 def hyperparameters(config: TrainConfig) -> dict[str, Any]:
     """The config fields that shape the weights (paths and bookkeeping flags left out)."""
     skip = {"data", "output", "logging_steps", "save_steps", "resume", "keep_checkpoints", "name", "eval_generate"}
-    return {key: value for key, value in asdict(config).items() if key not in skip}
+    return {key: value for key, value in saved_config(config).items() if key not in skip}
 
 
 def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: dict[str, Any]) -> None:
@@ -255,7 +267,7 @@ def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: 
     prepared.tokenizer.save_pretrained(output)
     if config.eval_generate and prepared.held_out:
         metrics.update(offline_metrics(model, prepared, config.eval_generate))
-    write_json(output / CONFIG_NAME, {"stage": "train", "config": asdict(config), "metrics": metrics,
+    write_json(output / CONFIG_NAME, {"stage": "train", "config": saved_config(config), "metrics": metrics,
                                       "finished": datetime.now(timezone.utc).isoformat()})
     name = config.name or output.resolve().name
     manifest = build_manifest(output, name, config.base, prepared.data_sha256, hyperparameters(config), metrics)
@@ -265,11 +277,12 @@ def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: 
 
 
 def main(config: TrainConfig) -> dict[str, Any]:
+    config.check()
+    pairs = load_pairs(config.data)  # before the seconds of importing transformers: a bad file fails fast
     from transformers import set_seed
 
-    config.check()
     set_seed(config.seed)
-    prepared = prepare(config)
+    prepared = prepare(config, pairs)
     trainer = build_trainer(config, prepared)
     checkpoints = Path(config.output) / "checkpoints"
     result = trainer.train(resume_from_checkpoint=config.resume and any(checkpoints.glob("checkpoint-*")))

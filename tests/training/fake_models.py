@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from tests.fakes.upstream import Recorded, Reply, Responder, chat_reply, last_user_text
 
@@ -17,7 +18,7 @@ _ANSWER = re.compile(r"\[ANSWER ([AB])\]\n(.*?)\n\[/ANSWER \1\]", re.S)
 CUE = "step by step"  # what the fake optimizer's default rewrite adds (tests/fakes/upstream.py)
 
 
-def critic_instruction(body: dict) -> str:
+def critic_instruction(body: dict[str, Any]) -> str:
     """The instruction a critic request asks about (as our critic prompt frames it)."""
     match = _INSTRUCTION.search(last_user_text(body))
     return match.group(1) if match else ""
@@ -43,7 +44,7 @@ def critic(overrides: Mapping[str, str] | None = None,
     return answer
 
 
-def judge_answers(body: dict) -> dict[str, str]:
+def judge_answers(body: dict[str, Any]) -> dict[str, str]:
     return {letter: text for letter, text in _ANSWER.findall(last_user_text(body))}
 
 

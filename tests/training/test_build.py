@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.fakes.upstream import FakeUpstream, Reply, chat_reply
+from tests.fakes.upstream import FakeUpstream, Recorded, Reply, chat_reply
 from tests.training.fake_models import critic, critic_instruction
 from training.cli import main
 from training.records import read_records
@@ -35,7 +36,7 @@ def build(upstream: FakeUpstream, output: Path, *extra: str) -> int:
                  "--retry-backoff", "0.01", *extra])
 
 
-def pairs_of(path: Path) -> dict[str, dict]:
+def pairs_of(path: Path) -> dict[str, dict[str, Any]]:
     return {pair["instruction"].strip(): pair for pair in read_records(path)}
 
 
@@ -73,10 +74,26 @@ def test_build_writes_pairs_drops_what_the_filters_catch_and_reports(
     assert "duplicates skipped" in printed and "dropped: protection-marker" in printed
 
 
+def files_holding(directory: Path, secret: str) -> list[str]:
+    return [str(path) for path in directory.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+
+
+def test_the_critic_key_is_used_but_never_written_to_disk(upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.responders[CHAT] = critic()
+    output = tmp_path / "out" / "pairs.jsonl"
+    secret = "sk-critic-4f1c9e-do-not-store"
+    assert build(upstream, output, "--limit", "2", "--critic-api-key", secret) == 0
+    assert {r.headers["authorization"] for r in upstream.requests_to(CHAT)} == {f"Bearer {secret}"}
+    assert len(read_records(output)) == 2
+    assert files_holding(tmp_path, secret) == []
+    run = json.loads(output.with_suffix(".run.json").read_text())
+    assert run["config"]["critic_api_key"] == "<redacted>" and run["config"]["critic_model"] == "fake-critic"
+
+
 def test_rerun_skips_done_records_and_retries_only_failed_ones(upstream: FakeUpstream, tmp_path: Path) -> None:
     answer = critic()
 
-    def flaky(recorded):  # the recipe request always fails with a server error
+    def flaky(recorded: Recorded) -> Reply:  # the recipe request always fails with a server error
         if "recipe" in critic_instruction(recorded.json):
             return Reply(status=500, json={"error": {"message": "boom", "type": "server_error"}})
         return answer(recorded)
@@ -100,7 +117,7 @@ def test_rate_limited_requests_are_retried_with_backoff(upstream: FakeUpstream, 
     answer = critic()
     failures = {"left": 2}
 
-    def limited(recorded):
+    def limited(recorded: Recorded) -> Reply:
         if failures["left"]:
             failures["left"] -= 1
             return Reply(status=429, json={"error": {"message": "slow down", "type": "rate_limit"}})
@@ -115,7 +132,7 @@ def test_rate_limited_requests_are_retried_with_backoff(upstream: FakeUpstream, 
 def test_build_resumes_after_the_process_is_killed(upstream: FakeUpstream, tmp_path: Path) -> None:
     answer = critic()
 
-    def slow(recorded):
+    def slow(recorded: Recorded) -> Reply:
         reply = answer(recorded)
         reply.delay = 0.4
         return reply
@@ -151,7 +168,7 @@ def test_a_missing_input_is_one_line_of_error(upstream: FakeUpstream, tmp_path: 
     code = main(["data", "build", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                  "--critic-model", "m"])
     assert code == 2
-    assert capsys.readouterr().err.strip() == f"bpo: error: {tmp_path / 'nope.jsonl'}: no such file"
+    assert capsys.readouterr().err.strip() == f"bpo data build: {tmp_path / 'nope.jsonl'}: no such file"
 
 
 def test_critic_answers_keep_the_chat_reply_shape(upstream: FakeUpstream) -> None:

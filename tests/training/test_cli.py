@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fakes.upstream import FakeUpstream
 from tests.training.fake_models import critic
 from training.build import BuildConfig
-from training.cli import config_from_args, register
+from training.cli import config_from_args, describe_error, register
+from training.errors import DataError
 from training.evaluate import EvalConfig
 from training.records import read_records
 from training.sft import TrainConfig
@@ -73,3 +76,51 @@ def test_bpo_data_build_runs_through_the_entry_point(upstream: FakeUpstream, tmp
     assert sorted(pair["instruction"] for pair in pairs) == ["Name a famous scientist who won a Nobel Prize.",
                                                              "Summarize the paragraph in one sentence."]
     assert len(upstream.requests_to("/v1/chat/completions")) == 2
+
+
+def user_error(tmp_path: Path, case: str) -> tuple[str, list[str], str]:
+    """(command, arguments, text the message must hold) for each kind of mistake a user makes."""
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "a"},\n', encoding="utf-8")  # an array cut off mid-way
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "optimized_prompt": "b"}\n', encoding="utf-8")
+    missing, out, quiet = str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl"), "--no-progress"
+    empty_dir = tmp_path / "empty-model"
+    empty_dir.mkdir()
+    return {
+        "build-broken-json": ("data build", ["--input", str(broken), "--output", out, "--critic-model", "m", quiet],
+                              f"{broken}: not a valid JSON array"),
+        "build-missing-input": ("data build", ["--input", missing, "--output", out, "--critic-model", "m", quiet],
+                                f"{missing}: no such file"),
+        "iterate-missing-input": ("data iterate", ["--input", missing, "--output", out, "--optimizer",
+                                                   "remote:http://127.0.0.1:9/v1", quiet],
+                                  f"{missing}: No such file or directory"),
+        "eval-broken-json": ("eval", ["--prompts", str(broken), "--optimizer", "remote:http://127.0.0.1:9/v1",
+                                      "--offline", quiet], f"{broken}: not a valid JSON array"),
+        "train-missing-data": ("train", ["--base", str(empty_dir), "--data", missing, "--output", out],
+                               f"{missing}: No such file or directory"),
+        "train-bad-base": ("train", ["--base", str(tmp_path / "no-such-model"), "--data", str(pairs), "--output",
+                                     out], f"--base {tmp_path / 'no-such-model'}: cannot load its tokenizer"),
+        "train-base-without-model": ("train", ["--base", str(empty_dir), "--data", str(pairs), "--output", out],
+                                     f"--base {empty_dir}: cannot load its tokenizer"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["build-broken-json", "build-missing-input", "iterate-missing-input",
+                                  "eval-broken-json", "train-missing-data", "train-bad-base",
+                                  "train-base-without-model"])
+def test_user_errors_are_one_line_on_stderr_and_exit_2(tmp_path: Path, case: str) -> None:
+    command, arguments, expected = user_error(tmp_path, case)
+    # Offline hub: a wrong --base must fail on the spot, never wait on the network.
+    result = subprocess.run([sys.executable, "-m", "proxy.cli", *command.split(), *arguments],
+                            env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bpo {command}: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_one_line_names_the_file_of_an_os_error() -> None:
+    assert describe_error(FileNotFoundError(2, "No such file or directory", "/d/x.jsonl")) == (
+        "/d/x.jsonl: No such file or directory")
+    assert describe_error(DataError("bad\n  record")) == "bad record"

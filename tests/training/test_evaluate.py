@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,8 +25,8 @@ def evaluate(upstream: FakeUpstream, output: Path, *extra: str, sets: list[Path]
                  upstream.base_url, "--output", str(output), "--no-progress", "--retry-backoff", "0.01", *extra])
 
 
-def summary_of(output: Path) -> dict:
-    return json.loads(output.with_suffix(".summary.json").read_text())
+def summary_of(output: Path) -> dict[str, Any]:
+    return dict(json.loads(output.with_suffix(".summary.json").read_text()))
 
 
 def test_eval_judges_both_orders_per_set_and_resumes(upstream: FakeUpstream, tmp_path: Path,
@@ -65,6 +66,22 @@ def test_eval_judges_both_orders_per_set_and_resumes(upstream: FakeUpstream, tmp
     assert upstream.requests_to(CHAT) == [] and upstream.requests_to(COMPLETIONS) == []
     assert summary_of(output)["sets"] == summary["sets"]
     assert len(read_records(output)) == 7
+
+
+def test_target_and_judge_keys_are_used_but_never_written_to_disk(upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.responders[CHAT] = by_model({"fake-judge": cue_judge()})
+    output = tmp_path / "out" / "results.jsonl"
+    target_key, judge_key = "sk-target-7d2a-do-not-store", "sk-judge-91bc-do-not-store"
+    assert evaluate(upstream, output, "--limit", "1", "--target-api-key", target_key, "--judge-api-key", judge_key,
+                    "--plot", str(tmp_path / "out" / "wtl.png"), sets=[SETS[0]]) == 0
+    keys = {r.json["model"]: r.headers["authorization"] for r in upstream.requests_to(CHAT)}
+    assert keys == {"fake-model": f"Bearer {target_key}", "fake-judge": f"Bearer {judge_key}"}
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(written) >= 3  # results, summary, plot
+    assert [p for p in written if target_key.encode() in p.read_bytes() or judge_key.encode() in p.read_bytes()] == []
+    config = summary_of(output)["config"]
+    assert (config["target_api_key"], config["judge_api_key"]) == ("<redacted>", "<redacted>")
+    assert config["target_max_tokens"] == 1024  # a token count is not a secret
 
 
 def test_a_judge_biased_to_the_first_position_yields_ties(upstream: FakeUpstream, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,8 @@ from training.manifest import (
     build_manifest,
     compute_version,
     read_manifest,
+    redact_secrets,
+    saved_config,
     write_manifest,
 )
 
@@ -51,3 +55,25 @@ def test_missing_and_broken_manifests(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text('{"name": "x", "version": ""}')
     with pytest.raises(ManifestError, match="version"):
         read_manifest(tmp_path)
+
+
+@dataclass
+class StageConfig:
+    model: str = "m"
+    critic_api_key: str | None = "sk-1"
+    judge_api_key: str | None = None
+    hf_token: str = "hf_abc"
+    client_secret: str = "s3"
+    max_tokens: int = 512
+    max_new_tokens: int = 64
+    tokenizer: str = "tok"
+    extra: dict[str, Any] = field(default_factory=lambda: {"providers": [{"name": "p", "API_KEY": "sk-2"}]})
+
+
+def test_saved_configs_redact_secret_fields_at_any_depth_and_keep_the_rest() -> None:
+    assert saved_config(StageConfig()) == {
+        "model": "m", "critic_api_key": "<redacted>", "judge_api_key": None, "hf_token": "<redacted>",
+        "client_secret": "<redacted>", "max_tokens": 512, "max_new_tokens": 64, "tokenizer": "tok",
+        "extra": {"providers": [{"name": "p", "API_KEY": "<redacted>"}]}}
+    assert redact_secrets({"access-token": "t", "password": "p", "tokens": 3}) == {
+        "access-token": "<redacted>", "password": "<redacted>", "tokens": 3}

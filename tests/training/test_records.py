@@ -41,6 +41,17 @@ def test_single_object_json_and_bad_jsonl_lines(tmp_path: Path) -> None:
         read_records(broken)
 
 
+def test_a_malformed_or_mixed_json_array_is_a_data_error(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"text": "a"},\n')
+    with pytest.raises(DataError, match=r"cut\.json: not a valid JSON array \(.* line 2, column 1\)"):
+        read_records(cut)
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text('[{"text": "a"}, 3]')
+    with pytest.raises(DataError, match="expected a JSON list of objects"):
+        read_records(mixed)
+
+
 def test_appender_cuts_a_torn_last_line_and_reading_ignores_it(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_text('{"key": "a", "v": 1}\n{"key": "b", "v"')
