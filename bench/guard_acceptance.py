@@ -5,6 +5,9 @@ Usage: python bench/guard_acceptance.py ../shared/data/bpo/pairs.json [--show-re
 Each record's (``final_input`` -> ``final_output``) is the training pair of the published optimizer; with
 ``--field-pair optimized`` the pair is (instruction + context -> ``optimized_prompt``) instead. Also reads
 JSONL files of ``prompt`` / ``optimized_prompt`` (the output of ``bpo data build``).
+
+It then times the guard on adversarial prompts (long runs that once made a rule backtrack) at 8,000 and
+32,000 characters: linear rules take about 4x as long on 4x the text, a quadratic one about 16x.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,38 @@ def pair_of(record: dict[str, Any], field_pair: str) -> tuple[str, str]:
         original = record["instruction"] + ("\n" + context if context else "")
         return original, str(record["optimized_prompt"])
     return str(record["final_input"]), str(record["final_output"])
+
+
+# (opening, unit): the unit repeats after the opening to the length under test; the guard runs on the
+# prompt and its identical rewrite, so every rule scans all of it.
+ADVERSARIAL_PROMPTS = (
+    ("", "a."), ("", "a@"), ("", "1."), ("", "-1"), ("", "{"), ("", "`"), ("", '"'), ("", "“"), ("", "«"),
+    ("```", "1,"),
+)
+ADVERSARIAL_SIZES = (8_000, 32_000)
+
+
+def adversarial_prompt(opening: str, unit: str, size: int) -> str:
+    return opening + (unit * (size // len(unit) + 1))[: size - len(opening) - 1] + "x"
+
+
+def time_guard(text: str, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        check_rewrite(text, text)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def report_adversarial() -> None:
+    small, large = ADVERSARIAL_SIZES
+    print(f"guard time on adversarial prompts ({small:,} vs {large:,} chars; ~{large // small}x = linear):")
+    for opening, unit in ADVERSARIAL_PROMPTS:
+        seconds = [time_guard(adversarial_prompt(opening, unit, size)) for size in ADVERSARIAL_SIZES]
+        ratio = seconds[1] / max(seconds[0], 1e-9)
+        shown = f"{opening!r} + {unit!r} x N"
+        print(f"  {shown:>24}  {1000 * seconds[0]:7.2f} ms  {1000 * seconds[1]:8.2f} ms  ratio {ratio:4.1f}x")
 
 
 def main() -> None:
@@ -64,6 +100,7 @@ def main() -> None:
     for rule in RULES:
         if reasons[rule.name]:
             print(f"  rejected by {rule.name:<13} {reasons[rule.name]:>3}  (keeps {rule.keeps})")
+    report_adversarial()
 
 
 if __name__ == "__main__":

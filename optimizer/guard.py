@@ -20,10 +20,17 @@ PASSAGE_MIN_WORDS = 20
 # Strings the optimizer must never emit unless the user wrote them: template and critic markers.
 LEAK_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "[PROTECT]", "[KEEP", "[INSTRUCTION]")
 
-_CODE_BLOCK = re.compile(r"```[^\n`]*\n?(.*?)```", re.DOTALL)
+# Every pattern here runs on the event loop over whatever the user sent, so each is built to take time
+# linear in the text: a match can only start where no earlier start would have scanned the same run
+# (a lookbehind, or an opener the body may not contain), and no two adjacent pieces can match the same
+# characters, so a failed attempt never re-scans a run. bench/guard_acceptance.py times the worst cases.
+# The fence's info string ("python") is only one when a newline ends it; "```x = 1```" is all code.
+_CODE_BLOCK = re.compile(r"```(?:[^\n`]*\n)?(.*?)```", re.DOTALL)
 _INLINE_CODE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 _URL = re.compile(r"\b(?:https?|ftp)://[^\s<>\"'`]+|\bwww\.[^\s<>\"'`]+", re.IGNORECASE)
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+# An address starts only at the start of a run of address characters; leading dots and signs are
+# skipped, so "--bob@x.org" still yields "bob@x.org".
+_EMAIL = re.compile(r"(?<![\w.+-])[.+-]*(\w[\w.+-]*@[\w-]+(?:\.[\w-]+)+)\b")
 # Commas group thousands only ("1,000"); "1,2,3" is a list of three numbers.
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:,\d{3})*(?:[.:/]\d+)*(?:[eE][-+]?\d+)?")
 _NUMBER_WORDS = (
@@ -31,14 +38,15 @@ _NUMBER_WORDS = (
     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
     "twenty",
 )
-_QUOTED = re.compile(r"\"([^\"\n]{1,300})\"|“([^”\n]{1,300})”|«([^»\n]{1,300})»")
+# A body may not contain its own opener, so "““““" costs one step per character, not 300.
+_QUOTED = re.compile(r"\"([^\"\n]{1,300})\"|“([^“”\n]{1,300})”|«([^«»\n]{1,300})»")
 _PLACEHOLDER = re.compile(r"\{\{?\s*[A-Za-z_][\w.\-]{0,40}\s*\}?\}|\{\d{1,2}\}|<[A-Za-z_][\w.\-]{0,40}>")
 _URL_TRAILING = ".,;:!?)]}'\""
 _SPAN_TRAILING = " .,;:!?"
 # Quote style is not content: a rewrite may turn "inner" quotes into 'inner' ones.
 _QUOTE_FOLD = str.maketrans({q: '"' for q in "“”„«»‘’'`"})
 # "Memory: ..." / "Text: ..." labels in front of a passage may be reworded around it.
-_LABEL = re.compile(r"^\s*[\w ]{1,30}:\s+")
+_LABEL = re.compile(r"^\s*\w[\w ]{0,29}:\s+")
 _SPACE = re.compile(r"\s+")
 
 

@@ -179,3 +179,29 @@ def test_rules_are_a_documented_table() -> None:
         names
     )
     assert all(rule.keeps for rule in RULES)
+
+
+# Runs that once made a rule re-scan the same characters from every start (quadratic time on the event
+# loop). No timer here: bench/guard_acceptance.py times them; this checks the verdicts stay right.
+ADVERSARIAL = ["a." * 4000, "a@" * 4000, "1." * 4000, "-1" * 4000, "{" * 8000, "`" * 8000, '"' * 8000,
+               "“" * 8000, "«" * 8000, "```" + "1," * 4000]
+
+
+@pytest.mark.parametrize("noise", ADVERSARIAL, ids=lambda noise: repr(noise[:4]))
+def test_adversarial_prompt_is_judged_like_any_other(noise: str) -> None:
+    original = noise + " Then mail the result to bob@example.org."
+    assert check_rewrite(original, original).accepted
+    verdict = check_rewrite(original, "Then mail the result to Bob.")
+    assert verdict == GuardVerdict(False, "email", "e-mail 'bob@example.org' is missing")
+
+
+def test_address_behind_leading_punctuation_is_kept() -> None:
+    verdict = check_rewrite("Write to --bob@x.org and .jane@y.org now.", "Write to bob@x.org now.")
+    assert verdict == GuardVerdict(False, "email", "e-mail 'jane@y.org' is missing")
+
+
+def test_one_line_fence_is_code_not_an_info_string() -> None:
+    original = f"Fix {FENCE}x = 1 +{FENCE} please."
+    assert check_rewrite(original, f"Fix this code please: {FENCE}x = 1 +{FENCE}").accepted
+    verdict = check_rewrite(original, "Fix the broken addition please.")
+    assert verdict == GuardVerdict(False, "code-block", "code block 'x = 1 +' is missing")
