@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger("bpo.optimizer")
@@ -18,6 +19,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # few spread-out chunks plus the exact size tell versions apart.
 WEIGHT_SAMPLES = 8
 SAMPLE_BYTES = 1 << 20
+# What an OpenAI-compatible server's /v1/models card says about the model behind a served name: vLLM's
+# ``root`` is the path or hub id it loaded, ``parent`` the base model of a LoRA adapter. ``created`` is left
+# out on purpose: vLLM stamps it (and each permission's id) when it answers, so it would differ on every
+# probe and in every replica. No field carries a weights revision, and SGLang's ``root`` is the served name.
+REMOTE_CARD_FIELDS = ("root", "parent", "max_model_len")
 
 
 def format_identity(name: str, version: str) -> str:
@@ -85,8 +91,15 @@ def hf_identity(target: str, commit_hash: str | None = None) -> str:
     return format_identity(f"hf:{target}", commit_hash[:12] if commit_hash else "unknown-revision")
 
 
-def remote_identity(model_id: str, root: str | None) -> str:
-    """``remote:`` identity. A served name that carries its version (``bpo@v3``) is used as it is."""
+def remote_identity(model_id: str, card: Mapping[str, object] | None = None) -> str:
+    """``remote:`` identity. A served name that carries its version (``bpo@v3``) is used as it is.
+
+    Otherwise ``remote:<id>@<hash>`` of what the server's models card tells about the model (see
+    ``REMOTE_CARD_FIELDS``). New weights under the same served name and the same path keep the identity:
+    operators version the served name or change ``--cache-namespace`` (docs/optimizer.md).
+    """
     if "@" in model_id:
         return f"remote:{model_id}"
-    return format_identity(f"remote:{model_id}", short_hash(root or model_id))
+    card = card or {}
+    described = [f"{field}={card[field]}" for field in REMOTE_CARD_FIELDS if card.get(field) is not None]
+    return format_identity(f"remote:{model_id}", short_hash(model_id, *described))

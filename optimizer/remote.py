@@ -26,14 +26,43 @@ log = logging.getLogger("bpo.optimizer.remote")
 # How long start-up waits for the server before /readyz says "failed" (probing goes on behind it).
 STARTUP_GRACE_SECONDS = 10.0
 PROBE_MIN_SECONDS, PROBE_MAX_SECONDS = 0.5, 30.0
+# While rewrites flow, /v1/models is read again this often, so the identity follows a server restarted
+# under a new name or model path even when no request saw it go down.
+IDENTITY_REFRESH_SECONDS = 60.0
 # Tokens per word is about 4/3 for Llama tokenizers on English; the server does not tell us its count.
 TOKENS_PER_WORD = 4 / 3
+# vLLM / SGLang sampling fields that OpenAI's schema lacks; a strict server names one when it refuses it.
+EXTRA_FIELDS = ("min_tokens", "bad_words")
 
 
 def normalize_base_url(base_url: str) -> str:
     """``http://host:8000`` and ``http://host:8000/v1/`` both mean the server's ``/v1``."""
     url = base_url.rstrip("/")
     return url if url.endswith("/v1") else url + "/v1"
+
+
+def error_message(payload: Any) -> str:
+    """The human part of an error answer, in OpenAI's, vLLM's or FastAPI's shape; never the echoed body."""
+    if isinstance(payload, str):
+        return payload
+    if not isinstance(payload, dict):
+        return ""
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or "")
+    if isinstance(error, str):
+        return error
+    detail = payload.get("detail")
+    if isinstance(detail, list):
+        # FastAPI / pydantic: [{"loc": ["body", "min_tokens"], "msg": "Extra inputs are not permitted"}]
+        return "; ".join(f"{item.get('loc')}: {item.get('msg')}" for item in detail if isinstance(item, dict))
+    return str(payload.get("message") or detail or "")
+
+
+def rejects_extras(status: int, payload: Any) -> bool:
+    """A 400 that names one of the sampling extras: the server does not know them (other 400s keep them)."""
+    message = error_message(payload)
+    return status == 400 and any(field in message for field in EXTRA_FIELDS)
 
 
 def completion_body(model: str, text: str, mode: Mode, options: OptimizerOptions,
@@ -69,14 +98,18 @@ class RemoteOptimizer:
 
     ``start()`` returns at once; a background probe discovers the model from ``/v1/models`` (or checks the
     configured one) and keeps probing while the server is unreachable. A connection failure during
-    serving flips the status to ``failed`` and restarts the probe, so ``/readyz`` tells the truth.
+    serving flips the status to ``failed`` and restarts the probe, so ``/readyz`` tells the truth. While
+    serving, the probe runs again every ``identity_refresh`` seconds and on a 404 (the model went away).
     """
 
     def __init__(self, base_url: str, options: OptimizerOptions, *,
-                 startup_grace: float = STARTUP_GRACE_SECONDS) -> None:
+                 startup_grace: float = STARTUP_GRACE_SECONDS,
+                 identity_refresh: float = IDENTITY_REFRESH_SECONDS) -> None:
         self.base_url = normalize_base_url(base_url)
         self.options = options
         self.startup_grace = startup_grace
+        self.identity_refresh = identity_refresh
+        self._refresh_at = 0.0
         self._model: str | None = options.remote_model
         self._identity = f"remote:{self._model or self.base_url}@pending"
         self._state: State = "loading"
@@ -114,6 +147,8 @@ class RemoteOptimizer:
     async def optimize(self, text: str, mode: Mode) -> Rewrite:
         if self._state != "ready" or self._session is None or self._model is None:
             raise OptimizerUnavailable(f"remote optimizer not ready: {self._detail}")
+        if asyncio.get_running_loop().time() >= self._refresh_at:
+            self._start_probe()  # in the background: this rewrite goes on under the identity known now
         identity = self._identity
         body = completion_body(self._model, text, mode, self.options, self._extras)
         payload = await self._post_completion(body)
@@ -128,12 +163,17 @@ class RemoteOptimizer:
 
     async def _post_completion(self, body: dict[str, Any]) -> dict[str, Any]:
         status, payload = await self._request("POST", "/completions", body)
-        if status == 400 and "min_tokens" in body and self._extras:
-            # A strict OpenAI-compatible server refuses vLLM's sampling extras: drop them from now on.
-            log.warning("%s rejected min_tokens/bad_words; sending plain OpenAI fields", self.base_url)
+        if self._extras and "min_tokens" in body and rejects_extras(status, payload):
+            # A strict OpenAI-compatible server refuses vLLM's sampling extras: drop them from now on. Any
+            # other 400 (a prompt over the context length) says nothing about them, so they stay on.
+            log.warning("%s rejected min_tokens/bad_words (%s); sending plain OpenAI fields",
+                        self.base_url, error_message(payload)[:200])
             self._extras = False
-            body = {k: v for k, v in body.items() if k not in ("min_tokens", "bad_words")}
+            body = {k: v for k, v in body.items() if k not in EXTRA_FIELDS}
             status, payload = await self._request("POST", "/completions", body)
+        if status == 404:
+            # The server no longer serves this name (restarted as bpo@v4): find out what it serves now.
+            self._start_probe()
         if status != 200 or not isinstance(payload, dict):
             raise OptimizerError(f"{self.base_url}/completions answered {status}: {str(payload)[:200]}")
         return payload
@@ -195,8 +235,9 @@ class RemoteOptimizer:
             raise OptimizerError(f"{self.base_url}/models lists no model")
         if model not in models:
             raise OptimizerError(f"{self.base_url} does not serve {model!r} (it serves: {', '.join(models)})")
-        root = models[model].get("root")
-        self._model = model
-        self._identity = remote_identity(model, str(root) if root else None)
+        identity = remote_identity(model, models[model])
+        if identity != self._identity:
+            log.info("remote optimizer ready: %s (was %s)", identity, self._identity)
+        self._model, self._identity = model, identity
         self._state, self._detail = "ready", f"serving {model} from {self.base_url}"
-        log.info("remote optimizer ready: %s", self._identity)
+        self._refresh_at = asyncio.get_running_loop().time() + self.identity_refresh

@@ -57,6 +57,23 @@ def test_hf_identity_prefers_manifest_then_hash_then_hub_revision(model_dir: Pat
 
 
 def test_remote_identity() -> None:
-    assert remote_identity("bpo@v7", "/models/x") == "remote:bpo@v7"
-    assert remote_identity("bpo", "/models/a") == remote_identity("bpo", "/models/a")
-    assert remote_identity("bpo", "/models/a") != remote_identity("bpo", "/models/b")
+    card = {"id": "bpo", "root": "/models/a", "max_model_len": 2048}
+    assert remote_identity("bpo@v7", {"root": "/models/x"}) == "remote:bpo@v7"
+    assert remote_identity("bpo", card) == remote_identity("bpo", dict(card))
+    assert remote_identity("bpo", card) != remote_identity("bpo", {**card, "root": "/models/b"})
+    assert remote_identity("bpo", card) != remote_identity("other", card)
+    assert remote_identity("bpo").startswith("remote:bpo@")
+
+
+@pytest.mark.parametrize(("field", "value"), [("parent", "llama-2-7b-chat"), ("max_model_len", 4096)])
+def test_remote_identity_follows_what_else_the_card_tells(field: str, value: object) -> None:
+    # A LoRA adapter on another base, or a model with another context length, is another model.
+    card = {"id": "bpo", "root": "/models/a", "parent": "llama-2-7b", "max_model_len": 2048}
+    assert remote_identity("bpo", card) != remote_identity("bpo", {**card, field: value})
+
+
+def test_remote_identity_ignores_what_vllm_stamps_per_answer() -> None:
+    # vLLM sets created and each permission id when it answers /v1/models, not when it loads the model.
+    first = {"id": "bpo", "root": "/m", "created": 1700000000, "permission": [{"id": "modelperm-1"}]}
+    later = {"id": "bpo", "root": "/m", "created": 1700000060, "permission": [{"id": "modelperm-2"}]}
+    assert remote_identity("bpo", first) == remote_identity("bpo", later)

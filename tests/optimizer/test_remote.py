@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import pytest
 
 from optimizer.base import Optimizer, OptimizerError, OptimizerOptions, OptimizerUnavailable
+from optimizer.identity import remote_identity
 from optimizer.registry import build_optimizer
-from optimizer.remote import RemoteOptimizer, normalize_base_url
+from optimizer.remote import RemoteOptimizer, normalize_base_url, rejects_extras
 from optimizer.template import BANNED_STRINGS, build_prompt
 from tests.fakes.upstream import FakeUpstream, Recorded, Reply, completion_reply, free_port
 
@@ -36,6 +37,17 @@ async def remote(upstream: FakeUpstream) -> AsyncIterator[RemoteOptimizer]:
 
 def completion_bodies(upstream: FakeUpstream) -> list[dict[str, object]]:
     return [r.json for r in upstream.requests_to("/v1/completions")]
+
+
+def serve_models(upstream: FakeUpstream, *cards: dict[str, object]) -> None:
+    upstream.responders["/v1/models"] = lambda r: Reply(json={"object": "list", "data": list(cards)})
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
 
 
 def test_base_url_accepts_server_root_or_v1() -> None:
@@ -99,7 +111,7 @@ async def test_model_discovered_from_v1_models_when_not_configured(upstream: Fak
 async def test_identity_follows_the_served_model_root(upstream: FakeUpstream) -> None:
     identities = []
     for root in ("/models/bpo-v1", "/models/bpo-v2", "/models/bpo-v1"):
-        upstream.responders["/v1/models"] = lambda r, root=root: Reply(json={"data": [{"id": "bpo", "root": root}]})
+        serve_models(upstream, {"id": "bpo", "root": root})
         optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model=None))
         identities.append(optimizer.identity)
         await optimizer.close()
@@ -111,6 +123,60 @@ async def test_versioned_served_name_is_the_identity(upstream: FakeUpstream) -> 
     optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model=None))
     await optimizer.close()
     assert optimizer.identity == "remote:bpo@v3"
+
+
+async def test_identity_follows_a_new_root_even_when_no_request_saw_the_restart(upstream: FakeUpstream) -> None:
+    serve_models(upstream, {"id": "bpo", "root": "/models/bpo-v1"})
+    optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model=None), identity_refresh=0.05)
+    try:
+        before = (await optimizer.optimize("hi there", "stable")).optimizer
+        new_card = {"id": "bpo", "root": "/models/bpo-v2", "created": 1800000000}
+        serve_models(upstream, new_card)
+        await asyncio.sleep(0.1)
+        await optimizer.optimize("hi there", "stable")  # due: reads /v1/models again behind this rewrite
+        await until(lambda: optimizer.identity != before)
+        after = await optimizer.optimize("hi there", "stable")
+    finally:
+        await optimizer.close()
+    assert before == remote_identity("bpo", {"root": "/models/bpo-v1"})
+    assert after.optimizer == optimizer.identity == remote_identity("bpo", new_card) != before
+
+
+async def test_a_404_finds_the_model_renamed_under_a_new_version(upstream: FakeUpstream) -> None:
+    def serving_v2(recorded: Recorded) -> Reply:
+        if recorded.json["model"] != "bpo@v2":
+            return Reply(status=404, json={"error": {"message": "The model does not exist."}})
+        return completion_reply(recorded.json)
+
+    serve_models(upstream, {"id": "bpo@v1"})
+    optimizer = await started(upstream.base_url, replace(OPTIONS, remote_model=None))
+    try:
+        assert (await optimizer.optimize("hi there", "stable")).optimizer == "remote:bpo@v1"
+        # The server restarts as bpo@v2 between two requests: no request sees it go down.
+        serve_models(upstream, {"id": "bpo@v2"})
+        upstream.responders["/v1/completions"] = serving_v2
+        with pytest.raises(OptimizerError, match="404"):
+            await optimizer.optimize("hi there", "stable")
+        await until(lambda: optimizer.identity == "remote:bpo@v2")
+        rewrite = await optimizer.optimize("hi there", "stable")
+    finally:
+        await optimizer.close()
+    assert rewrite.optimizer == "remote:bpo@v2" and completion_bodies(upstream)[-1]["model"] == "bpo@v2"
+
+
+async def test_a_404_for_the_configured_model_says_it_is_gone(upstream: FakeUpstream) -> None:
+    serve_models(upstream, {"id": "bpo-fake"})
+    optimizer = await started(upstream.base_url)
+    try:
+        serve_models(upstream, {"id": "bpo@v2"})
+        upstream.responders["/v1/completions"] = lambda r: Reply(status=404, json={"error": {"message": "gone"}})
+        with pytest.raises(OptimizerError, match="404"):
+            await optimizer.optimize("hi there", "stable")
+        await until(lambda: optimizer.status().state == "failed")
+        status = optimizer.status()
+    finally:
+        await optimizer.close()
+    assert status.state == "failed" and "does not serve 'bpo-fake'" in status.detail
 
 
 async def test_configured_model_missing_on_server_fails_with_its_name(upstream: FakeUpstream) -> None:
@@ -162,6 +228,56 @@ async def test_server_that_rejects_extras_gets_plain_openai_fields(upstream: Fak
         await optimizer.close()
     assert first.text.startswith("Tell me a joke") and second.text.startswith("Tell me a story")
     assert ["min_tokens" in body for body in completion_bodies(upstream)] == [True, False, False]
+
+
+async def test_vllm_shaped_refusal_of_bad_words_also_drops_the_extras(upstream: FakeUpstream) -> None:
+    def strict(recorded: Recorded) -> Reply:
+        if "bad_words" in recorded.json:
+            return Reply(status=400, json={"object": "error", "type": "BadRequestError", "code": 400,
+                                           "message": "bad_words is not supported by this server"})
+        return completion_reply(recorded.json)
+
+    upstream.responders["/v1/completions"] = strict
+    optimizer = await started(upstream.base_url)
+    try:
+        rewrite = await optimizer.optimize("Tell me a joke", "aggressive")
+    finally:
+        await optimizer.close()
+    assert rewrite.text.startswith("Tell me a joke")
+    assert ["bad_words" in body for body in completion_bodies(upstream)] == [True, False]
+
+
+async def test_context_length_400_keeps_the_extras(upstream: FakeUpstream) -> None:
+    too_long = "This model's maximum context length is 2048 tokens. However, you requested 2300 tokens."
+
+    def limited(recorded: Recorded) -> Reply:
+        if "novel" in recorded.json["prompt"]:
+            return Reply(status=400, json={"error": {"message": too_long, "type": "BadRequestError",
+                                                     "param": None, "code": 400}})
+        return completion_reply(recorded.json)
+
+    upstream.responders["/v1/completions"] = limited
+    optimizer = await started(upstream.base_url)
+    try:
+        with pytest.raises(OptimizerError, match="400"):
+            await optimizer.optimize("Summarise this whole novel", "aggressive")
+        rewrite = await optimizer.optimize("Tell me a joke", "aggressive")
+    finally:
+        await optimizer.close()
+    assert rewrite.text.startswith("Tell me a joke")
+    # No retry without the extras, and the next aggressive rewrite still sends them.
+    assert ["min_tokens" in body for body in completion_bodies(upstream)] == [True, True]
+    assert completion_bodies(upstream)[1]["bad_words"] == list(BANNED_STRINGS)
+
+
+def test_only_a_400_naming_an_extra_counts_as_refusing_them() -> None:
+    assert rejects_extras(400, {"detail": [{"loc": ["body", "min_tokens"], "msg": "Extra inputs are not permitted"}]})
+    assert rejects_extras(400, "unrecognized field bad_words")
+    assert not rejects_extras(503, {"error": {"message": "min_tokens queue is full"}})
+    # pydantic echoes the request as "input": a complaint about the prompt is not one about min_tokens
+    echoed = {"detail": [{"loc": ["body", "prompt"], "msg": "String too long", "input": {"min_tokens": 9}}]}
+    assert not rejects_extras(400, echoed)
+    assert not rejects_extras(400, None)
 
 
 async def test_server_error_and_malformed_answer_raise_optimizer_error(
