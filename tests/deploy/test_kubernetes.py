@@ -132,7 +132,9 @@ def proxy_settings(tmp_path: Path) -> Any:
     """The ConfigMap's config.yaml plus the Deployment's env, through the real settings loader."""
     config = tmp_path / "config.yaml"
     config.write_text(k8s_object("ConfigMap", "bpo-config")["data"]["config.yaml"])
-    environ = container_env("bpo-proxy", "proxy") | {"BPO_CONFIG": str(config)}
+    # The pod gets the Secret's keys through envFrom; a route whose os.environ/NAME is unset stops the start.
+    secrets = {name: "sk-example" for name in _secret_keys()}
+    environ = container_env("bpo-proxy", "proxy") | secrets | {"BPO_CONFIG": str(config)}
     return load_settings({}, environ=environ)
 
 
