@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -60,7 +61,7 @@ def encode_event(event: dict[str, Any]) -> bytes:
     return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
-class BufferedSink:
+class BufferedSink(abc.ABC):
     """Encodes on ``emit`` and hands batches to ``write_batch`` from one background task.
 
     The buffer is bounded: when the destination stalls, newer events are dropped and counted
@@ -114,12 +115,15 @@ class BufferedSink:
 
     async def open(self) -> None:
         """Acquire the destination; raise ``SinkError`` when the configuration cannot work."""
+        return None
 
     async def release(self) -> None:
         """Release the destination after the last flush."""
+        return None
 
+    @abc.abstractmethod
     async def write_batch(self, lines: Sequence[bytes]) -> None:
-        raise NotImplementedError
+        """Write one batch of encoded lines; raise to have it kept and retried."""
 
     async def _run(self) -> None:
         assert self._wakeup is not None
