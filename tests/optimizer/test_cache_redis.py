@@ -25,6 +25,9 @@ PROMPT = "Write a haiku about the sea"
 
 def make_cache(namespace: str, url: str = SHARED_REDIS_URL, events: Events | None = None,
                ttl: float = 3600.0, **options: Any) -> RedisCache:
+    # A generous per-operation timeout: a busy CI machine must not turn a slow Redis reply into an error
+    # event. The test of timeouts themselves sets its own.
+    options.setdefault("op_timeout", 2.0)
     return RedisCache(url, LocalTier(1000, 1 << 22, ttl), namespace=namespace, ttl_seconds=ttl,
                       on_event=events, **options)
 
