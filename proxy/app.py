@@ -97,6 +97,16 @@ def create_app(settings: Settings) -> Starlette:
     return app
 
 
+def create_app_from_environment() -> Starlette:
+    """The app of one worker process of ``bpo serve --workers N``: its settings come from ``BPO_*``."""
+    from proxy.logs import configure_logging
+    from proxy.settings import load_settings
+
+    settings = load_settings({})
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
 async def _require(optimizer: Optimizer) -> None:
     await wait_until_loaded(optimizer)
     status = optimizer.status()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from proxy.settings import SettingsError, add_arguments, load_settings
 
@@ -36,7 +38,6 @@ def _register_optional(commands: argparse._SubParsersAction) -> None:  # type: i
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy.app import create_app
     from proxy.logs import configure_logging
 
     try:
@@ -45,8 +46,20 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"bpo serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=30, server_header=False)
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_config": None, "access_log": False,
+               "timeout_graceful_shutdown": 30, "server_header": False}
+    if settings.workers == 1:
+        from proxy.app import create_app
+
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    # Several workers: each process builds its own app from the same settings, passed as BPO_* variables.
+    from proxy.metrics import use_multiprocess_dir
+    from proxy.settings import export_environment
+
+    export_environment(settings, os.environ)
+    use_multiprocess_dir(os.environ)
+    uvicorn.run("proxy.app:create_app_from_environment", factory=True, workers=settings.workers, **options)
     return 0
 
 

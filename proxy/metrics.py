@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -26,6 +27,14 @@ METRIC_NAMES = (
     "bpo_shadow_verdicts_total",
     "bpo_shadow_skipped_total",
 )
+
+
+def use_multiprocess_dir(environ: MutableMapping[str, str]) -> str:
+    """Give worker processes one PROMETHEUS_MULTIPROC_DIR (prometheus_client's own convention), set before
+    they import it: each worker's samples go to files there and /metrics on any worker merges them all."""
+    if not environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bpo-metrics-")
+    return environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 class Metrics:

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,8 @@ class Settings:
     shadow_rate: float = _opt(0.05, "fraction of treatment requests judged in the shadow")
     shadow_max_per_minute: int = _opt(60, "most shadow judgements started per minute")
     admin_key: str | None = _opt(None, "bearer key for /admin/* (admin endpoints are off without it)")
+    workers: int = _opt(1, "worker processes; each is a whole gateway, so share --cache redis:// and use a "
+                           "remote: optimizer with several (metrics are merged across them)")
     log_level: str = _opt("info", "log level: debug | info | warning | error", choices=LOG_LEVELS)
     access_log: bool = _opt(True, "one JSON line per chat completion (at log level info or below)")
     model_list: tuple[ModelRoute, ...] = field(
@@ -223,6 +225,15 @@ def _resolve_env_refs(params: Mapping[str, Any], environ: Mapping[str, str], whe
     return resolved
 
 
+def export_environment(settings: Settings, environ: MutableMapping[str, str]) -> None:
+    """Write every setting as its ``BPO_*`` variable, so worker processes load exactly these settings."""
+    for name, spec in FIELDS.items():
+        value = getattr(settings, name)
+        if spec.metadata.get("config_only") or value is None:
+            continue
+        environ[env_name(name)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def validate(settings: Settings) -> None:
     checks = [
         (0 <= settings.port <= 65535, "port", "must be between 0 and 65535 (0: any free port)"),
@@ -231,6 +242,7 @@ def validate(settings: Settings) -> None:
         (settings.max_prompt_chars > 0, "max_prompt_chars", "must be positive"),
         (settings.max_body_bytes > 0, "max_body_bytes", "must be positive"),
         (settings.optimizer_max_batch_size >= 1, "optimizer_max_batch_size", "must be at least 1"),
+        (settings.workers >= 1, "workers", "must be at least 1"),
         (settings.optimizer_max_new_tokens >= 1, "optimizer_max_new_tokens", "must be at least 1"),
         (settings.optimizer_max_wait_ms >= 0, "optimizer_max_wait_ms", "must not be negative"),
         (settings.cache_ttl_seconds >= 1, "cache_ttl_seconds", "must be at least 1"),

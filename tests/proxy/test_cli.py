@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -90,3 +91,28 @@ def test_require_optimizer_fails_start_when_it_cannot_load(spec: str, upstream: 
                  "--port", "0")
     assert result.returncode != 0
     assert "require-optimizer" in result.stderr + result.stdout
+
+
+def test_workers_share_the_port_and_merge_their_metrics(upstream: FakeUpstream, tmp_path: Path) -> None:
+    proxy = ProxyProcess(["--workers", "2", "--optimizer", "none", "--upstream-base-url", upstream.base_url],
+                         env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}).start()
+    try:
+        assert proxy.process is not None
+        children = subprocess.run(["pgrep", "-P", str(proxy.process.pid)], capture_output=True, text=True)
+        workers = [pid for pid in children.stdout.split()  # not multiprocessing's resource tracker
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2, children.stdout
+        for _ in range(20):  # a new connection each time, so the kernel spreads them over the workers
+            response = httpx.post(proxy.base_url + "/chat/completions",
+                                  json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
+            assert response.status_code == 200 and response.headers["x-bpo-reason"] == "disabled"
+        metrics = httpx.get(proxy.url + "/metrics").text
+    finally:
+        proxy.stop()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+              if s.name == "bpo_requests_total"]
+    assert sum(totals) == 20
+    writers = {p.name.rsplit("_", 1)[-1].removesuffix(".db") for p in tmp_path.glob("*.db")}
+    assert writers and writers <= set(workers)  # samples come from the workers' files, merged on scrape
