@@ -113,9 +113,13 @@ def write_script(directory: str) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process: CPU per request is far steadier than req/s on a busy machine."""
+    """User + system CPU time of a process and its children (workers): CPU per request is far steadier than
+    req/s on a busy machine."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        total += sum(cpu_seconds(int(child)) for child in children.read_text().split())
+    return total
 
 
 def measure(url: str, script: str, duration: float, pid: int) -> tuple[Load, Load]:
@@ -147,6 +151,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each measures every target once, in turn")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 10k-request memory check")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also measure bpo serve --workers N")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -163,6 +169,11 @@ def main() -> None:
     for name, optimizer in (("bpo-proxy, optimizer off", "none"), ("bpo-proxy, cache hit", f"remote:{upstream}")):
         commands[name] = [python, "-m", "proxy", "serve", "--port", str(ports[name]), "--upstream-base-url",
                           upstream, "--optimizer", optimizer]
+    if args.workers > 1:
+        name = f"bpo-proxy, off, {args.workers} workers"
+        ports[name] = free_port()
+        commands[name] = [python, "-m", "proxy", "serve", "--port", str(ports[name]), "--upstream-base-url",
+                          upstream, "--optimizer", "none", "--workers", str(args.workers)]
     urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         started = {}
