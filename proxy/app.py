@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -93,7 +94,8 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     app = Starlette(routes=[*admin_routes(settings.admin_key), *routes()], lifespan=lifespan,
-                    exception_handlers={ProxyError: _proxy_error, Exception: _unexpected})
+                    exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error,
+                                        Exception: _unexpected})
     return app
 
 
@@ -118,6 +120,14 @@ async def _require(optimizer: Optimizer) -> None:
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 / 405 (no such route, wrong method), in OpenAI's error shape."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          "invalid_request_error", code=code, headers=dict(exc.headers or {}))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

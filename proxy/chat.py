@@ -98,7 +98,7 @@ class ChatService:
     async def handle(self, request: Request) -> Response:
         arrived = time.perf_counter()
         # One pass over the raw headers; starlette's Headers scans the whole list on every lookup.
-        headers = dict(request.headers.items())
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.scope["headers"]}
         request_id = request_id_for(headers)
         try:
             return await self._serve(request, headers, request_id, arrived)

@@ -130,3 +130,11 @@ def test_client_disconnect_cancels_the_upstream_stream(upstream: FakeUpstream, p
     while upstream.disconnects == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert upstream.disconnects == before + 1
+
+
+def test_unknown_paths_and_wrong_methods_answer_in_openai_shape(proxy: RunningProxy) -> None:
+    response = httpx.get(proxy.url + "/nope")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    response = httpx.post(proxy.url + "/healthz")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in response.headers["allow"]
