@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.errors import error_response
+from proxy.protocol import read_body
 
 UNKNOWN_ARM = "unknown"
 MAX_BODY_BYTES = 64 * 1024
@@ -92,21 +93,10 @@ def feedback_event(feedback: Feedback, arm: str) -> dict[str, Any]:
     return event
 
 
-async def _read_limited(request: Request) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise MalformedFeedback(f"body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def feedback_endpoint(request: Request) -> Response:
     """Records the score as a ``feedback`` event and in ``bpo_feedback_total{arm}``."""
     try:
-        feedback = parse_feedback(await _read_limited(request))
+        feedback = parse_feedback(await read_body(request, MAX_BODY_BYTES))
     except MalformedFeedback as exc:
         return error_response(400, str(exc), "invalid_request_error", exc.param, "invalid_feedback")
     state = request.app.state

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from proxy.feedback import MalformedFeedback, RecentRequests, feedback_event, parse_feedback
+from tests.fakes.proxy_server import RunningProxy
 
 
 def test_a_valid_body_parses_with_an_optional_comment() -> None:
@@ -56,3 +58,10 @@ def test_recent_requests_forgets_the_oldest_beyond_its_bound() -> None:
     recent.remember("r2", "control")  # touched again: now the newest
     recent.remember("r5", "treatment")
     assert recent.arm_of("r2") == "control" and recent.arm_of("r3") is None
+
+
+def test_an_oversized_feedback_body_is_refused_with_413(proxy: RunningProxy) -> None:
+    """Feedback is a score and a comment, never a document: 64 KiB is the most it takes."""
+    body = {"request_id": "r", "score": 1, "comment": "x" * 70_000}
+    response = httpx.post(proxy.base_url + "/bpo/feedback", json=body)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
