@@ -74,6 +74,10 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+# Longest wait for closing a connection to a Redis that may have stopped answering.
+CLOSE_TIMEOUT = 2.0
+
+
 class RedisCache:
     """``--cache redis://...``: LRU tier, then Redis; one optimizer call per key across replicas.
 
@@ -161,11 +165,14 @@ class RedisCache:
             log.warning("cache: Redis at %s is not answering; serving from the local tier", self.url)
 
     async def close(self) -> None:
+        # Bounded: a Redis that stopped answering must not hold up the gateway's shutdown.
         if self._listener is not None:
             self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(self._listener, return_exceptions=True), CLOSE_TIMEOUT)
         await self._flights.close()
-        await self._client.aclose()
+        with contextlib.suppress(asyncio.TimeoutError, *REDIS_FAULTS):
+            await asyncio.wait_for(self._client.aclose(), CLOSE_TIMEOUT)
         self.local.clear()
 
     # -- one key's resolution (runs once per key per process, shielded from callers) ----------------
@@ -344,8 +351,8 @@ class RedisCache:
 
 
 async def _close_quietly(pubsub: Any) -> None:
-    with contextlib.suppress(*REDIS_FAULTS):  # the connection is already gone
-        await pubsub.aclose()
+    with contextlib.suppress(asyncio.TimeoutError, *REDIS_FAULTS):  # the connection is already gone
+        await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT)
 
 
 def _ignore(event: str) -> None:
