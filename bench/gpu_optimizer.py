@@ -32,16 +32,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from optimizer_batching import PROMPTS  # bench/ is this script's directory: one prompt set
+
 from optimizer.base import OptimizerOptions
 from optimizer.hf import HFOptimizer, LoadedModel, prepare_loaded
 from optimizer.template import build_prompt
 
-PROMPTS = [
-    "Tell me about black holes.", "Write a poem about autumn.", "How do I make pancakes?",
-    "Give me 3 tips for better sleep.", "Explain recursion.", "What is machine learning?",
-    "Plan a trip to Japan for 7 days.", "Why is the sky blue?", "Describe the water cycle.",
-    "Recommend a good book.", "How do vaccines work?", "Tell me a joke.",
-]
 # HBM bandwidth in TB/s by GPU name (first match wins); --bandwidth-tbs overrides.
 BANDWIDTH_TBS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100", 2.0), ("L40S", 0.864),
                  ("A10G", 0.6), ("L4", 0.3))

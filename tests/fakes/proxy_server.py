@@ -27,7 +27,21 @@ def make_settings(**values: Any) -> Settings:
     return load_settings(values, environ={})
 
 
-class RunningProxy:
+class _OnLoopback:
+    """A gateway listening on 127.0.0.1 at ``port``."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+class RunningProxy(_OnLoopback):
     """``create_app(settings)`` served by uvicorn on a free port, on a thread of this process."""
 
     def __init__(self, settings: Settings) -> None:
@@ -38,14 +52,6 @@ class RunningProxy:
                                 timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
 
     def start(self, timeout: float = 20.0) -> RunningProxy:
         self._thread.start()
@@ -63,7 +69,7 @@ class RunningProxy:
         self._thread.join(timeout=10)
 
 
-class ProxyProcess:
+class ProxyProcess(_OnLoopback):
     """``python -m proxy serve ...`` as a child process, ready once ``/healthz`` answers."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
@@ -71,14 +77,6 @@ class ProxyProcess:
         self.args = ["--port", str(self.port), *args]
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
 
     def start(self, timeout: float = 30.0) -> ProxyProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", *self.args], env=self.env,
