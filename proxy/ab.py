@@ -91,6 +91,10 @@ class ArmAssigner:
         self.experiment = settings.ab_experiment
         self.default_mode: Mode = "aggressive" if settings.mode == "aggressive" else "stable"
         self.optimize_by_default = settings.optimize_by_default
+        # Without a split every request gets one of two decisions: built once, not per request.
+        self._unsplit_decision = (
+            ArmDecision(None, True, self.default_mode, override=False, reason=None) if self.optimize_by_default
+            else ArmDecision(None, False, self.default_mode, override=False, reason="disabled"))
 
     @property
     def split_configured(self) -> bool:
@@ -102,7 +106,7 @@ class ArmAssigner:
         if override is not None:
             return self._overridden(override)
         if self.percent is None:
-            return self._unsplit()
+            return self._unsplit_decision
         arm = arm_for(self.salt, sticky_key(body, headers, api_key), self.percent)
         if arm == "treatment":
             return ArmDecision("treatment", True, self.default_mode, override=False, reason=None)
@@ -114,8 +118,3 @@ class ArmAssigner:
         # With a split configured the response still names an arm: the one whose behaviour it got.
         arm: Arm | None = None if self.percent is None else ("treatment" if optimize else "control")
         return ArmDecision(arm, optimize, mode, override=True, reason=None if optimize else "disabled")
-
-    def _unsplit(self) -> ArmDecision:
-        if self.optimize_by_default:
-            return ArmDecision(None, True, self.default_mode, override=False, reason=None)
-        return ArmDecision(None, False, self.default_mode, override=False, reason="disabled")

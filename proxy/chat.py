@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from optimizer.cache import tenant_of
 from optimizer.pipeline import Outcome, RewritePipeline
@@ -34,7 +35,7 @@ from proxy.forward import (
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
-from proxy.protocol import ChatRequest, parse_chat_request, read_body
+from proxy.protocol import ChatRequest, parse_chat_request, read_body_from
 from proxy.rewrite import UserTurn, find_last_user_text, replace_user_text
 from proxy.settings import Settings
 from proxy.shadow import ShadowJudge
@@ -42,6 +43,7 @@ from proxy.shadow import ShadowJudge
 log = logging.getLogger("bpo.chat")
 
 NOT_USER_TURN = "not-user-turn"
+MAX_REMEMBERED_TARGETS = 1024  # model names are client input: the memo stays bounded
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -64,6 +66,11 @@ def combine(outcomes: Sequence[Outcome]) -> tuple[bool, str | None, str]:
     caches = {o.cache for o in outcomes}
     cache = "miss" if "miss" in caches else ("hit" if caches == {"hit"} else "off")
     return applied, reason, cache
+
+
+def _single(outcome: Outcome) -> tuple[bool, str | None, str]:
+    """``combine`` of one outcome."""
+    return outcome.applied, None if outcome.applied else outcome.reason, outcome.cache
 
 
 def request_id_for(headers: Mapping[str, str]) -> str:
@@ -94,14 +101,25 @@ class ChatService:
         self.recent = recent
         self.shadow = shadow
         self.access_log = access_log
+        self._targets: dict[str, Target] = {}
 
-    async def handle(self, request: Request) -> Response:
+    def _target(self, model: str) -> Target:
+        """``resolve_target``, remembered per model name: the settings never change while serving."""
+        target = self._targets.get(model)
+        if target is None:
+            target = resolve_target(self.settings, model)  # raises for an unknown model: nothing kept
+            if len(self._targets) >= MAX_REMEMBERED_TARGETS:
+                self._targets.clear()
+            self._targets[model] = target
+        return target
+
+    async def handle(self, scope: Scope, receive: Receive) -> Response:
         arrived = time.perf_counter()
         # One pass over the raw headers; starlette's Headers scans the whole list on every lookup.
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.scope["headers"]}
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = request_id_for(headers)
         try:
-            return await self._serve(request, headers, request_id, arrived)
+            return await self._serve(receive, headers, request_id, arrived)
         except ProxyError as exc:
             response = exc.response()
             response.headers["x-request-id"] = request_id
@@ -109,13 +127,13 @@ class ChatService:
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to forward
             return Response(status_code=499)
 
-    async def _serve(self, request: Request, headers: dict[str, str], request_id: str,
+    async def _serve(self, receive: Receive, headers: dict[str, str], request_id: str,
                      arrived: float) -> Response:
-        raw = await read_body(request, self.settings.max_body_bytes)
+        raw = await read_body_from(receive, headers.get("content-length"), self.settings.max_body_bytes)
         chat = parse_chat_request(raw, headers.get("content-type"))
         api_key = api_key_of(headers)
         decision = self.assigner.decide(chat.body, headers, api_key)
-        target = resolve_target(self.settings, chat.model)
+        target = self._target(chat.model)
         rewritten = await self._rewrite(chat, decision, api_key)
         debug = headers.get("x-bpo-debug", "").strip().lower() in ("1", "true", "yes", "on")
         exchange = Exchange()
@@ -139,7 +157,7 @@ class ChatService:
     async def _send(self, chat: ChatRequest, rewritten: Rewritten, target: Target, headers: Mapping[str, str],
                     exchange: Exchange, extra: dict[str, str], finish: Callable[[Exchange], None]) -> Response:
         if target.kind == "litellm":
-            body = chat.body if rewritten.body is None else rewritten.body
+            body = chat.exact_body if rewritten.body is None else rewritten.body
             return await self.providers.forward(target, {**body, "model": target.model}, exchange, extra, finish)
         payload = self._payload(chat, rewritten, target)
         url, params = chat_url(target)
@@ -151,9 +169,9 @@ class ChatService:
     def _maybe_shadow(self, response: Response, request_id: str, chat: ChatRequest, decision: ArmDecision,
                       rewritten: Rewritten, headers: Mapping[str, str]) -> Response:
         """Rewritten treatment answers may be judged against control, after they reach the client."""
-        if self.shadow is None or not rewritten.applied or decision.override:
+        if self.shadow is None or not self.shadow.enabled or not rewritten.applied or decision.override:
             return response
-        return self.shadow.attach(response, request_id, chat.body, headers)
+        return self.shadow.attach(response, request_id, chat.exact_body, headers)
 
     async def _rewrite(self, chat: ChatRequest, decision: ArmDecision, api_key: str | None) -> Rewritten:
         optimizer = self.pipeline.optimizer.identity
@@ -169,9 +187,9 @@ class ChatService:
             outcomes: Sequence[Outcome] = [await self.pipeline.run(turn.texts[0], decision.mode, tenant)]
         else:
             outcomes = await asyncio.gather(*(self.pipeline.run(t, decision.mode, tenant) for t in turn.texts))
-        applied, reason, cache = combine(outcomes)
+        applied, reason, cache = combine(outcomes) if len(outcomes) > 1 else _single(outcomes[0])
         texts = [o.text for o in outcomes]
-        body = replace_user_text(chat.body, turn, texts) if applied else None
+        body = replace_user_text(chat.exact_body, turn, texts) if applied else None
         return Rewritten(body, applied, reason, cache, outcomes[0].optimizer,
                          "\n".join(texts) if applied else None)
 
@@ -179,7 +197,8 @@ class ChatService:
     def _payload(chat: ChatRequest, rewritten: Rewritten, target: Target) -> bytes:
         if rewritten.body is None and target.model == chat.model:
             return chat.raw  # untouched: the client's exact bytes
-        return encode_body(provider_body(chat.body if rewritten.body is None else rewritten.body, target))
+        body = chat.exact_body if rewritten.body is None else rewritten.body
+        return encode_body(provider_body(body, target), orjson_safe=chat.read_by_orjson)
 
     def _bpo_headers(self, request_id: str, decision: ArmDecision, rewritten: Rewritten, debug: bool,
                      overhead_ms: float) -> dict[str, str]:

@@ -51,7 +51,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if settings.workers == 1:
         from proxy.app import create_app
 
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_app(settings, server_process=True), **options)
         return 0
     # Several workers: each process builds its own app from the same settings, passed as BPO_* variables.
     from proxy.metrics import use_multiprocess_dir

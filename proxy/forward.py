@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,15 +72,26 @@ def resolve_target(settings: Settings, model: str) -> Target:
     return Target("litellm", f"{provider}/{provider_model}", None, api_key, route.litellm_params)
 
 
-def provider_body(body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+def provider_body(body: Mapping[str, Any], target: Target) -> Mapping[str, Any]:
     """The body as the provider takes it: the route's model name (Azure names it in the URL instead)."""
     if target.kind == "azure":
         return {k: v for k, v in body.items() if k != "model"}
+    if body.get("model") == target.model:
+        return body
     return {**body, "model": target.model}
 
 
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    """JSON for the upstream: the standard library keeps integers past 64 bits exact (orjson does not)."""
+def encode_body(body: Mapping[str, Any], orjson_safe: bool = False) -> bytes:
+    """JSON for the upstream, every value as the client sent it.
+
+    ``orjson_safe``: the body was read by orjson (so it holds no NaN or infinity, which orjson would write as
+    null). orjson still refuses integers past 64 bits and lone surrogates; the standard library writes them.
+    """
+    if orjson_safe:
+        try:
+            return orjson.dumps(body)
+        except TypeError:
+            pass
     try:
         return json.dumps(body, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # a lone surrogate escape the client sent: keep it escaped
@@ -97,24 +108,53 @@ def chat_url(target: Target) -> tuple[str, dict[str, str] | None]:
 
 
 def upstream_headers(headers: Mapping[str, str], api_key: str | None, azure: bool = False) -> dict[str, str]:
-    """The client's headers minus hop-by-hop and the gateway's own X-BPO*; the key replaced if configured."""
-    out = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-bpo")}
+    """The client's headers minus hop-by-hop and the gateway's own X-BPO*; the key replaced if configured.
+
+    ``headers`` have lower-case names, as ASGI (and so Starlette) gives them.
+    """
+    out = {k: v for k, v in headers.items() if k not in HOP_BY_HOP and not k.startswith("x-bpo")}
     out["accept-encoding"] = "identity"  # bytes pass through as sent; no re-compression on our side
     if api_key:
-        out = {k: v for k, v in out.items() if k.lower() not in ("authorization", "api-key")}
+        out.pop("authorization", None)
+        out.pop("api-key", None)
         out["api-key" if azure else "authorization"] = api_key if azure else f"Bearer {api_key}"
     return out
 
 
 # The gateway's server sets its own Date; the provider's Server says nothing about this hop.
-_NOT_RELAYED = HOP_BY_HOP | {"date", "server"}
+_NOT_RELAYED = frozenset(name.encode() for name in HOP_BY_HOP | {"date", "server"})
 
 
-def downstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in headers.items() if k.lower() not in _NOT_RELAYED}
-    if "x-request-id" in {k.lower() for k in out}:  # ours wins; keep the provider's for support tickets
-        out = {("x-upstream-request-id" if k.lower() == "x-request-id" else k): v for k, v in out.items()}
+def downstream_headers(upstream: Iterable[tuple[bytes, bytes]], extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """The upstream's header lines for the client, then the gateway's ``extra``, as ASGI header pairs.
+
+    Repeated headers (Set-Cookie) stay repeated. The upstream's X-Request-Id becomes X-Upstream-Request-Id
+    (ours wins; the provider's is kept for support tickets); its X-BPO* headers are dropped: those on this
+    response describe this gateway's handling.
+    """
+    out = []
+    for name, value in upstream:
+        name = name.lower()
+        if name in _NOT_RELAYED or name.startswith(b"x-bpo"):
+            continue
+        out.append((b"x-upstream-request-id" if name == b"x-request-id" else name, value))
+    out.extend((name.encode("latin-1"), value.encode("latin-1")) for name, value in extra.items())
     return out
+
+
+class RelayedResponse(Response):
+    """An upstream answer as it came: its bytes, status and header lines (``downstream_headers``).
+
+    Starlette's Response would decode, re-encode and rescan every header; these already are wire headers.
+    """
+
+    def __init__(self, body: bytes, status_code: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.body = body
+        self.status_code = status_code
+        self.background = None
+        if status_code >= 200 and status_code not in (204, 304):
+            raw_headers.append((b"content-length", str(len(body)).encode()))
+        self.raw_headers = raw_headers
 
 
 def extract_usage(payload: bytes) -> dict[str, Any] | None:
@@ -169,11 +209,12 @@ class HttpForwarder:
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"The upstream could not be reached: {exc}") from exc
         exchange.status = upstream.status
-        response_headers = {**downstream_headers(upstream.headers), **extra_headers}
+        response_headers = downstream_headers(upstream.raw_headers, extra_headers)
         if upstream.content_type == "text/event-stream":
             exchange.upstream_seconds = time.perf_counter() - started
-            return StreamingResponse(self._relay(upstream, exchange, on_done), status_code=upstream.status,
-                                     headers=response_headers)
+            relay = StreamingResponse(self._relay(upstream, exchange, on_done), status_code=upstream.status)
+            relay.raw_headers = response_headers
+            return relay
         try:
             payload = await upstream.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -184,7 +225,7 @@ class HttpForwarder:
         exchange.usage = extract_usage(payload) if upstream.status < 400 else None
         if on_done is not None:
             on_done(exchange)
-        return Response(payload, status_code=upstream.status, headers=response_headers)
+        return RelayedResponse(payload, upstream.status, response_headers)
 
     async def _relay(self, upstream: aiohttp.ClientResponse, exchange: Exchange,
                      on_done: Callable[[Exchange], None] | None) -> AsyncIterator[bytes]:

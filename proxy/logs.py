@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import sys
 import time
@@ -41,13 +40,20 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
+_last_second: tuple[int, str] = (-1, "")  # a second and its formatted prefix: strftime once a second, not per line
+
+
 def utc_timestamp(seconds: float) -> str:
-    return _second_prefix(int(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
+    global _last_second
+    whole = int(seconds)
+    second, prefix = _last_second  # one read: threads that log see a consistent pair
+    if whole != second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _last_second = (whole, prefix)
+    return f"{prefix}.{int((seconds - whole) * 1000):03d}Z"
 
 
-@functools.lru_cache(maxsize=4)
-def _second_prefix(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+_ACCESS_HEAD = b'","level":"info","logger":"bpo.access","message":"chat completion"'
 
 
 class AccessLog:
@@ -66,8 +72,10 @@ class AccessLog:
         self._task: asyncio.Task[None] | None = None
 
     def record(self, fields: dict[str, Any]) -> None:
-        line = orjson.dumps({"time": utc_timestamp(time.time()), "level": "info", "logger": "bpo.access",
-                             "message": "chat completion", **fields}, default=str) + b"\n"
+        """One line: the fixed head (time, level, logger, message), then ``fields``; one encode, no merge."""
+        tail = orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        line = b"".join((b'{"time":"', utc_timestamp(time.time()).encode(), _ACCESS_HEAD,
+                         b"," + tail[1:] if fields else b"}\n"))
         self._lines.append(line)
         self._size += len(line)
         if self._size >= self._max_buffer:

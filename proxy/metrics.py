@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import tempfile
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -37,37 +40,116 @@ def use_multiprocess_dir(environ: MutableMapping[str, str]) -> str:
     return environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
-class Metrics:
-    """The collectors; one instance per app, so tests and replicas never share state."""
+class Series(NamedTuple):
+    name: str
+    help: str
+    labels: tuple[str, ...]
 
-    content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("bpo_requests_total", "Chat completions served", ["arm", "applied", "reason"],
-                                registry=r)
-        self.request_seconds = Histogram("bpo_request_seconds", "End-to-end chat completion time", ["arm"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_seconds = Histogram("bpo_upstream_seconds", "Time until the upstream's response headers",
-                                          ["arm"], buckets=LATENCY_BUCKETS, registry=r)
-        self.optimizer_seconds = Histogram("bpo_optimizer_seconds", "Time spent producing one rewrite",
-                                           ["backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.optimizer_batch_size = Histogram("bpo_optimizer_batch_size", "Prompts generated together",
-                                              buckets=BATCH_BUCKETS, registry=r)
-        self.cache_events = Counter("bpo_cache_events_total", "Rewrite cache lookups", ["result"], registry=r)
-        self.feedback = Counter("bpo_feedback_total", "Feedback records received", ["arm"], registry=r)
-        self.upstream_tokens = Counter("bpo_upstream_tokens_total", "Tokens the upstream reported in usage",
-                                       ["arm", "kind"], registry=r)
-        self.fail_open = Counter("bpo_fail_open_total", "Faults swallowed so the request could go on",
-                                 ["component"], registry=r)
-        self.shadow_verdicts = Counter("bpo_shadow_verdicts_total", "Shadow judge verdicts for treatment",
-                                       ["verdict"], registry=r)
-        self.shadow_skipped = Counter("bpo_shadow_skipped_total",
-                                      "Sampled treatment requests not judged (budget, busy, incomplete, ...)",
-                                      ["reason"], registry=r)
+# The series updated on every request.
+REQUESTS = Series("bpo_requests_total", "Chat completions served", ("arm", "applied", "reason"))
+REQUEST_SECONDS = Series("bpo_request_seconds", "End-to-end chat completion time", ("arm",))
+UPSTREAM_SECONDS = Series("bpo_upstream_seconds", "Time until the upstream's response headers", ("arm",))
+UPSTREAM_TOKENS = Series("bpo_upstream_tokens_total", "Tokens the upstream reported in usage", ("arm", "kind"))
+CACHE_EVENTS = Series("bpo_cache_events_total", "Rewrite cache lookups", ("result",))
 
-        # Labelled children, looked up once: labels() takes a lock and builds a key on every call.
+
+def _native_counter(series: Series, registry: CollectorRegistry) -> Counter:
+    return Counter(series.name, series.help, series.labels, registry=registry)
+
+
+def _native_histogram(series: Series, registry: CollectorRegistry, buckets: Sequence[float]) -> Histogram:
+    return Histogram(series.name, series.help, series.labels, buckets=buckets, registry=registry)
+
+
+class LoopCounter:
+    """A labelled counter only the event loop's thread updates: a dict of numbers, no lock, no child objects.
+
+    prometheus_client's own metrics take a lock per update; for the few updated on every request that costs
+    more than the rest of the bookkeeping (``bench/README.md``). Read on scrape, on the same thread.
+    """
+
+    def __init__(self, series: Series) -> None:
+        self.series = series
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.series.name, self.series.help, labels=self.series.labels)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        yield family
+
+
+class LoopHistogram:
+    """A labelled histogram only the event loop's thread updates (see ``LoopCounter``)."""
+
+    def __init__(self, series: Series, buckets: Sequence[float]) -> None:
+        self.series = series
+        self.bounds = tuple(float(b) for b in buckets)
+        # Per label values: a count per bucket (not cumulative), then the +Inf bucket's, then the sum.
+        self.values: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self.values.get(labels)
+        if series is None:
+            series = self.values[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect.bisect_left(self.bounds, value)] += 1  # buckets are "less than or equal"
+        series[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.series.name, self.series.help, labels=self.series.labels)
+        bounds = [*map(floatToGoString, self.bounds), "+Inf"]
+        for labels, series in self.values.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(bounds, series, strict=False):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(labels, buckets, series[-1])
+        yield family
+
+
+class _LoopRequestMetrics:
+    """The per-request series of one process, updated without locks (``LoopCounter``, ``LoopHistogram``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = LoopCounter(REQUESTS)
+        self.request_seconds = LoopHistogram(REQUEST_SECONDS, buckets=LATENCY_BUCKETS)
+        self.upstream_seconds = LoopHistogram(UPSTREAM_SECONDS, buckets=LATENCY_BUCKETS)
+        self.upstream_tokens = LoopCounter(UPSTREAM_TOKENS)
+        self.cache_events = LoopCounter(CACHE_EVENTS)
+        for collector in (self.requests, self.request_seconds, self.upstream_seconds, self.upstream_tokens,
+                          self.cache_events):
+            registry.register(collector)  # type: ignore[arg-type]  # a Collector by shape
+
+    def observe(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
+                usage: Mapping[str, Any] | None) -> None:
+        self.requests.inc((arm, "true" if applied else "false", reason))
+        self.request_seconds.observe((arm,), seconds)
+        self.upstream_seconds.observe((arm,), upstream_seconds)
+        if usage:
+            for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+                tokens = usage.get(field)
+                if isinstance(tokens, int) and tokens > 0:
+                    self.upstream_tokens.inc((arm, kind), tokens)
+
+    def cache_event(self, result: str) -> None:
+        self.cache_events.inc((result,))
+
+
+class _SharedRequestMetrics:
+    """The same series as prometheus_client metrics: with ``--workers`` each process's samples go to files
+    in PROMETHEUS_MULTIPROC_DIR, merged on scrape, and only its own metric classes write them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = _native_counter(REQUESTS, registry)
+        self.request_seconds = _native_histogram(REQUEST_SECONDS, registry, buckets=LATENCY_BUCKETS)
+        self.upstream_seconds = _native_histogram(UPSTREAM_SECONDS, registry, buckets=LATENCY_BUCKETS)
+        self.upstream_tokens = _native_counter(UPSTREAM_TOKENS, registry)
+        self.cache_events = _native_counter(CACHE_EVENTS, registry)
+        # Labelled children, looked up once: labels() takes a lock and checks its arguments on every call.
         self._children: dict[tuple[str, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -77,16 +159,55 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def observe_request(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
-                        usage: Mapping[str, Any] | None) -> None:
-        """One finished chat completion: counters, latencies and the upstream's token usage."""
+    def observe(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
+                usage: Mapping[str, Any] | None) -> None:
         self._child(self.requests, arm, "true" if applied else "false", reason).inc()
         self._child(self.request_seconds, arm).observe(seconds)
         self._child(self.upstream_seconds, arm).observe(upstream_seconds)
-        for kind in ("prompt", "completion"):
-            tokens = (usage or {}).get(f"{kind}_tokens")
-            if isinstance(tokens, int) and tokens > 0:
-                self._child(self.upstream_tokens, arm, kind).inc(tokens)
+        if usage:
+            for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+                tokens = usage.get(field)
+                if isinstance(tokens, int) and tokens > 0:
+                    self._child(self.upstream_tokens, arm, kind).inc(tokens)
+
+    def cache_event(self, result: str) -> None:
+        self._child(self.cache_events, result).inc()
+
+
+class Metrics:
+    """The collectors; one instance per app, so tests and replicas never share state."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.per_request = _SharedRequestMetrics(r) if self.multiprocess else _LoopRequestMetrics(r)
+        self.optimizer_seconds = Histogram("bpo_optimizer_seconds", "Time spent producing one rewrite",
+                                           ["backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.optimizer_batch_size = Histogram("bpo_optimizer_batch_size", "Prompts generated together",
+                                              buckets=BATCH_BUCKETS, registry=r)
+        self.feedback = Counter("bpo_feedback_total", "Feedback records received", ["arm"], registry=r)
+        self.fail_open = Counter("bpo_fail_open_total", "Faults swallowed so the request could go on",
+                                 ["component"], registry=r)
+        self.shadow_verdicts = Counter("bpo_shadow_verdicts_total", "Shadow judge verdicts for treatment",
+                                       ["verdict"], registry=r)
+        self.shadow_skipped = Counter("bpo_shadow_skipped_total",
+                                      "Sampled treatment requests not judged (budget, busy, incomplete, ...)",
+                                      ["reason"], registry=r)
+
+    def observe_request(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
+                        usage: Mapping[str, Any] | None) -> None:
+        """One finished chat completion: counters, latencies and the upstream's token usage.
+
+        Called on the event loop's thread only (like ``cache_event``).
+        """
+        self.per_request.observe(arm, applied, reason, seconds, upstream_seconds, usage)
+
+    def cache_event(self, result: str) -> None:
+        """One rewrite cache lookup: hit, miss, error, ..."""
+        self.per_request.cache_event(result)
 
     def exposition(self) -> bytes:
         """The text exposition; merges worker processes when PROMETHEUS_MULTIPROC_DIR is set."""

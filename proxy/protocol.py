@@ -3,43 +3,60 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
 from proxy.errors import InvalidRequest, PayloadTooLarge
 
 CONTENT_PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal")
 
+# orjson reads integers past 64 bits as floats. A run of 19 digits is the shortest that may be one; found by
+# mapping digits to "0" and the rest to " " (a regex's counted repeat costs 5-10x more on every body).
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class ChatRequest:
-    """The parsed body (all fields kept) and the raw bytes, for byte-exact forwarding when untouched."""
+    """The parsed body (all fields kept) and the raw bytes, for byte-exact forwarding when untouched.
+
+    ``body`` comes from orjson when it can read the bytes (~6x faster than the standard library); it serves
+    every look at the request. What goes upstream re-encoded is built from ``exact_body`` instead.
+    """
 
     body: dict[str, Any]
     raw: bytes
+    model: str
+    stream: bool
+    read_by_orjson: bool = True
 
     @property
-    def model(self) -> str:
-        return str(self.body["model"])
-
-    @property
-    def stream(self) -> bool:
-        return bool(self.body.get("stream"))
+    def exact_body(self) -> dict[str, Any]:
+        """The body exactly as the standard library reads it: integers past 64 bits stay integers."""
+        if self.read_by_orjson and _LONG_DIGIT_RUN in self.raw.translate(_DIGITS_ONLY):
+            exact: dict[str, Any] = json.loads(self.raw)
+            return exact
+        return self.body
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes before reading them all."""
-    declared = request.headers.get("content-length")
+    return await read_body_from(request.receive, request.headers.get("content-length"), limit)
+
+
+async def read_body_from(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """``read_body`` on the bare ASGI channel; ``declared`` is the Content-Length header, if any."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
     more = True
     while more:  # straight from the ASGI channel: Request.stream()'s generator costs more than the copy
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk = message.get("body", b"")
@@ -52,24 +69,33 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    return _read_json_object(raw, content_type)[0]
+
+
+def _read_json_object(raw: bytes, content_type: str | None) -> tuple[dict[str, Any], bool]:
+    """The body and whether orjson read it. What orjson refuses, the standard library may still take (lone
+    surrogate escapes, NaN, UTF-16): the client sent it, so it goes on as sent."""
     if content_type and "json" not in content_type.split(";", 1)[0].lower():
         raise InvalidRequest(f"Content-Type must be application/json, not {content_type!r}.",
                              code="invalid_content_type")
-    # The standard library's reader, not orjson's: orjson turns integers past 64 bits into floats, and
-    # nothing the user sent may be altered on its way upstream.
+    by_orjson = True
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
-    except RecursionError as exc:
-        raise InvalidRequest("The request body nests JSON too deeply.", code="invalid_json") from exc
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        by_orjson = False
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+        except RecursionError as exc:
+            raise InvalidRequest("The request body nests JSON too deeply.", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return body
+    return body, by_orjson
 
 
 def parse_chat_request(raw: bytes, content_type: str | None) -> ChatRequest:
-    body = parse_json_object(raw, content_type)
+    body, by_orjson = _read_json_object(raw, content_type)
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
@@ -80,24 +106,27 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> ChatRequest:
         _check_message(message, index)
     if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
         raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    return ChatRequest(body, raw)
+    return ChatRequest(body, raw, model, bool(body.get("stream")), by_orjson)
 
 
 def _check_message(message: Any, index: int) -> None:
-    where = f"messages[{index}]"
-    if not isinstance(message, Mapping):
+    """Raises for the first malformed field; the common, well-formed message builds no strings."""
+    if not isinstance(message, dict):
+        where = f"messages[{index}]"
         raise InvalidRequest(f"{where} must be an object.", param=where)
     if not isinstance(message.get("role"), str):
-        raise InvalidRequest(f"{where}.role is required and must be a string.", param=f"{where}.role")
+        where = f"messages[{index}].role"
+        raise InvalidRequest(f"{where} is required and must be a string.", param=where)
     content = message.get("content")
     if content is None or isinstance(content, str):
         return
     if not isinstance(content, list):
-        raise InvalidRequest(f"{where}.content must be a string or an array of content parts.",
-                             param=f"{where}.content")
+        where = f"messages[{index}].content"
+        raise InvalidRequest(f"{where} must be a string or an array of content parts.", param=where)
     for part_index, part in enumerate(content):
-        part_where = f"{where}.content[{part_index}]"
-        if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
-            raise InvalidRequest(f"{part_where} must be an object with a 'type'.", param=part_where)
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            where = f"messages[{index}].content[{part_index}]"
+            raise InvalidRequest(f"{where} must be an object with a 'type'.", param=where)
         if part["type"] == "text" and not isinstance(part.get("text"), str):
-            raise InvalidRequest(f"{part_where}.text must be a string.", param=f"{part_where}.text")
+            where = f"messages[{index}].content[{part_index}].text"
+            raise InvalidRequest(f"{where} must be a string.", param=where)

@@ -16,6 +16,8 @@ from proxy.feedback import feedback_endpoint
 from proxy.forward import Exchange, upstream_headers
 from proxy.protocol import read_body
 
+CHAT_COMPLETIONS = "/v1/chat/completions"
+
 
 class ChatCompletions:
     """The hot route as a bare ASGI app: starlette's per-request wrapper layers cost more than they give here.
@@ -25,8 +27,7 @@ class ChatCompletions:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        response: Response = await request.app.state.chat.handle(request)
+        response: Response = await scope["app"].state.chat.handle(scope, receive)
         await response(scope, receive, send)
 
 
@@ -108,7 +109,7 @@ async def metrics(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/v1/chat/completions", ChatCompletions(), methods=["POST"]),
+        Route(CHAT_COMPLETIONS, ChatCompletions(), methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/bpo/feedback", feedback_endpoint, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),

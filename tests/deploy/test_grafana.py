@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from proxy.metrics import METRIC_NAMES, Metrics
+from proxy.metrics import METRIC_NAMES, LoopCounter, LoopHistogram, Metrics
 from tests.deploy.artifacts import dashboard, dashboard_expressions, dashboard_panels, selectors
 
 # interface.md's metrics, plus token usage per arm: what the issue asks the dashboard to show.
@@ -21,10 +21,14 @@ def exported_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     prometheus_client keeps label names private; reading them beats copying a list that could drift.
     """
     found = {}
-    for collector in vars(Metrics()).values():
+    metrics = Metrics()
+    for collector in [*vars(metrics).values(), *vars(metrics.per_request).values()]:
         if isinstance(collector, MetricWrapperBase):
             name = collector._name + ("_total" if collector._type == "counter" else "")
             found[name] = (str(collector._type), tuple(collector._labelnames))
+        elif isinstance(collector, LoopCounter | LoopHistogram):  # the lock-free per-request series
+            kind = "counter" if isinstance(collector, LoopCounter) else "histogram"
+            found[collector.series.name] = (kind, collector.series.labels)
     return found
 
 

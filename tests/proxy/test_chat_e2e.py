@@ -229,3 +229,21 @@ def test_a_lone_surrogate_escape_is_forwarded_not_a_500(upstream: FakeUpstream, 
     assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
     sent = upstream.requests_to("/v1/chat/completions")[-1].json
     assert sent["messages"][0]["content"] == "odd \ud800 char"
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-9999999999999999999"])
+def test_integers_just_past_64_bits_survive_the_rewrite(seed: str, upstream: FakeUpstream,
+                                                        proxy: RunningProxy) -> None:
+    raw = f'{{"model": "fake-model", "seed": {seed}, "messages": [{{"role": "user", "content": "Sing"}}]}}'
+    response = httpx.post(proxy.base_url + "/chat/completions", content=raw.encode(),
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    assert upstream.requests_to("/v1/chat/completions")[-1].json["seed"] == int(seed)
+
+
+def test_nan_the_client_sent_is_forwarded_as_nan(upstream: FakeUpstream, proxy: RunningProxy) -> None:
+    raw = b'{"model": "fake-model", "logit_bias": {"1": NaN}, "messages": [{"role": "user", "content": "Sing"}]}'
+    response = httpx.post(proxy.base_url + "/chat/completions", content=raw,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    assert b'"logit_bias": {"1": NaN}' in upstream.requests_to("/v1/chat/completions")[-1].body

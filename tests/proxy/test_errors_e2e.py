@@ -138,3 +138,29 @@ def test_unknown_paths_and_wrong_methods_answer_in_openai_shape(proxy: RunningPr
     response = httpx.post(proxy.url + "/healthz")
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
     assert "GET" in response.headers["allow"]
+
+
+def test_a_fault_in_the_chat_service_is_a_500_in_openai_shape(proxy: RunningProxy,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fault injection: a bug the service does not expect must still answer in OpenAI's error shape.
+    async def broken(scope: object, receive: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(proxy.app.state.chat, "handle", broken)
+    response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "fake-model", "messages": USER})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "a bug" not in response.text  # internals stay in the logs
+
+
+def test_upstream_response_headers_are_relayed_with_the_gateways_own(upstream: FakeUpstream,
+                                                                     proxy: RunningProxy) -> None:
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(json={"id": "x", "choices": []}, headers={
+        "x-request-id": "upstream-id", "openai-processing-ms": "12", "x-bpo-applied": "from-upstream"})
+    response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "fake-model", "messages": USER})
+    assert response.status_code == 200
+    assert response.headers["openai-processing-ms"] == "12"
+    assert response.headers["x-upstream-request-id"] == "upstream-id"
+    assert response.headers["x-request-id"].startswith("req_")
+    assert response.headers.get_list("x-bpo-applied") == ["true"]  # ours alone: it describes this hop
+    assert int(response.headers["content-length"]) == len(response.content)
