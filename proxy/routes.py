@@ -20,7 +20,8 @@ CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
 class ChatCompletions:
-    """The hot route as a bare ASGI app: starlette's per-request wrapper layers cost more than they give here.
+    """The chat route as a bare ASGI app, for requests that reach the router: ``proxy.app.Gateway`` serves
+    the usual ones before it, and this one those under a root path (the app mounted in another).
 
     ``ChatService.handle`` turns every ``ProxyError`` into a response itself; anything else still reaches
     the app's error middleware.
