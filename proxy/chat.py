@@ -73,6 +73,11 @@ def _single(outcome: Outcome) -> tuple[bool, str | None, str]:
     return outcome.applied, None if outcome.applied else outcome.reason, outcome.cache
 
 
+def header_safe(value: str) -> str:
+    """A header value from a name someone chose (a served model's, a path): percent-encoded past ASCII."""
+    return value if value.isascii() and value.isprintable() else quote(value, safe="@:/._-+ ")
+
+
 def request_id_for(headers: Mapping[str, str]) -> str:
     offered = headers.get("x-request-id", "")
     return offered if _CLIENT_REQUEST_ID.match(offered) else "req_" + secrets.token_hex(16)
@@ -206,7 +211,7 @@ class ChatService:
             "x-request-id": request_id,
             "x-bpo-applied": "true" if rewritten.applied else "false",
             "x-bpo-cache": rewritten.cache,
-            "x-bpo-optimizer": rewritten.optimizer,
+            "x-bpo-optimizer": header_safe(rewritten.optimizer),
             "x-bpo-overhead-ms": f"{overhead_ms:.2f}",
         }
         if not rewritten.applied and rewritten.reason:

@@ -247,3 +247,12 @@ def test_nan_the_client_sent_is_forwarded_as_nan(upstream: FakeUpstream, proxy: 
                           headers={"content-type": "application/json"})
     assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
     assert b'"logit_bias": {"1": NaN}' in upstream.requests_to("/v1/chat/completions")[-1].body
+
+
+def test_an_optimizer_named_beyond_ascii_is_named_percent_encoded(upstream: FakeUpstream,
+                                                                   start_proxy: StartProxy) -> None:
+    proxy = start_proxy(optimizer_model="bpo-模型")
+    response = httpx.post(proxy.base_url + "/chat/completions",
+                          json={"model": "fake-model", "messages": [{"role": "user", "content": "Sing"}]})
+    assert response.status_code == 200, response.text  # a header that cannot be encoded was a 500
+    assert unquote(response.headers["x-bpo-optimizer"]).startswith("remote:bpo-模型"), response.headers
