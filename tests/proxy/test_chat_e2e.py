@@ -24,6 +24,13 @@ def without_last_user_content(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "messages": messages}
 
 
+def post_rewritten(proxy: RunningProxy, raw: bytes) -> None:
+    """POST raw JSON bytes; the gateway must answer 200 with the prompt rewritten."""
+    response = httpx.post(proxy.base_url + "/chat/completions", content=raw,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true", response.text
+
+
 def test_upstream_sees_the_rewritten_prompt_and_nothing_else_changed(upstream: FakeUpstream,
                                                                      client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "You are terse."},
@@ -213,9 +220,7 @@ def test_values_json_allows_but_fast_parsers_refuse_survive_the_rewrite(upstream
                                                                       proxy: RunningProxy) -> None:
     raw = b'{"model": "fake-model", "seed": 123456789012345678901234567890, "temperature": 1e2, ' \
           b'"messages": [{"role": "user", "content": "Caf\\u00e9 \\ud83d\\ude00 prices"}]}'
-    response = httpx.post(proxy.base_url + "/chat/completions", content=raw,
-                          headers={"content-type": "application/json"})
-    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    post_rewritten(proxy, raw)
     sent = upstream.requests_to("/v1/chat/completions")[-1].json
     assert sent["seed"] == 123456789012345678901234567890 and sent["temperature"] == 100.0
     assert sent["messages"][0]["content"] == default_rewrite("Café 😀 prices")
@@ -224,9 +229,7 @@ def test_values_json_allows_but_fast_parsers_refuse_survive_the_rewrite(upstream
 def test_a_lone_surrogate_escape_is_forwarded_not_a_500(upstream: FakeUpstream, proxy: RunningProxy) -> None:
     raw = b'{"model": "fake-model", "messages": [{"role": "system", "content": "odd \\ud800 char"}, ' \
           b'{"role": "user", "content": "Summarize this"}]}'
-    response = httpx.post(proxy.base_url + "/chat/completions", content=raw,
-                          headers={"content-type": "application/json"})
-    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    post_rewritten(proxy, raw)
     sent = upstream.requests_to("/v1/chat/completions")[-1].json
     assert sent["messages"][0]["content"] == "odd \ud800 char"
 
@@ -235,17 +238,13 @@ def test_a_lone_surrogate_escape_is_forwarded_not_a_500(upstream: FakeUpstream, 
 def test_integers_just_past_64_bits_survive_the_rewrite(seed: str, upstream: FakeUpstream,
                                                         proxy: RunningProxy) -> None:
     raw = f'{{"model": "fake-model", "seed": {seed}, "messages": [{{"role": "user", "content": "Sing"}}]}}'
-    response = httpx.post(proxy.base_url + "/chat/completions", content=raw.encode(),
-                          headers={"content-type": "application/json"})
-    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    post_rewritten(proxy, raw.encode())
     assert upstream.requests_to("/v1/chat/completions")[-1].json["seed"] == int(seed)
 
 
 def test_nan_the_client_sent_is_forwarded_as_nan(upstream: FakeUpstream, proxy: RunningProxy) -> None:
     raw = b'{"model": "fake-model", "logit_bias": {"1": NaN}, "messages": [{"role": "user", "content": "Sing"}]}'
-    response = httpx.post(proxy.base_url + "/chat/completions", content=raw,
-                          headers={"content-type": "application/json"})
-    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    post_rewritten(proxy, raw)
     assert b'"logit_bias": {"1": NaN}' in upstream.requests_to("/v1/chat/completions")[-1].body
 
 
