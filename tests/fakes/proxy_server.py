@@ -53,7 +53,7 @@ class RunningProxy(_OnLoopback):
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def start(self, timeout: float = 20.0) -> RunningProxy:
+    def start(self, timeout: float = 60.0) -> RunningProxy:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -78,7 +78,7 @@ class ProxyProcess(_OnLoopback):
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> ProxyProcess:
+    def start(self, timeout: float = 90.0) -> ProxyProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", *self.args], env=self.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout

@@ -202,7 +202,7 @@ class FakeUpstream:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not self._server.started:
             if time.monotonic() > deadline:
                 raise RuntimeError("fake upstream did not start")

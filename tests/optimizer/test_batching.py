@@ -29,12 +29,12 @@ class GatedRunner:
         return [RuntimeError("bad item") if item == "boom" else item.upper() for item in items]
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if condition():
-            return
+async def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
         await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture
@@ -71,9 +71,9 @@ async def test_batch_size_is_bounded_and_order_kept(runner: GatedRunner) -> None
 
 async def test_wait_gathers_concurrent_arrivals_into_one_batch(runner: GatedRunner) -> None:
     runner.gate.set()
-    batcher = DynamicBatcher(runner, max_batch_size=4, max_wait_ms=2000)
-    # A full batch leaves at once, without waiting out the 2 s.
-    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(t) for t in "abcd")), 1.5)
+    batcher = DynamicBatcher(runner, max_batch_size=4, max_wait_ms=600_000)
+    # A full batch leaves at once, without waiting out the 10 minutes (a busy machine takes seconds, not those).
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(t) for t in "abcd")), 60)
     batcher.close()
     assert results == list("ABCD")
     assert runner.batches == [list("abcd")]
@@ -133,7 +133,7 @@ async def test_close_fails_queued_requests_and_refuses_new_ones(runner: GatedRun
     queued = asyncio.create_task(batcher.submit("queued"))
     await asyncio.sleep(0.02)
     closing = asyncio.create_task(asyncio.to_thread(batcher.close))
-    await asyncio.sleep(0.02)
+    await wait_for(lambda: batcher.closed)  # close() runs on a thread: it must have begun before the gate opens
     runner.gate.set()
     await closing
     # The running batch saw the shutdown as abandonment; the queued request was failed, not dropped.

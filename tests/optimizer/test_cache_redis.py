@@ -92,13 +92,12 @@ async def test_ttl_is_set_in_redis_and_entries_expire(namespace: str, shared_red
         await default.get_or_compute("k-default", CountingCompute())
     assert 7 * 86400 * 1000 - 60_000 < shared_redis.pttl(f"{namespace}:rewrite:k-default") <= 7 * 86400 * 1000
 
-    short = make_cache(namespace, ttl=0.3)
+    short = make_cache(namespace, ttl=2.0)  # long enough to read it back on a busy machine
     compute = CountingCompute()
     async with started(short):
         await short.get_or_compute("k-short", compute)
-        assert 0 < shared_redis.pttl(f"{namespace}:rewrite:k-short") <= 300
-        await asyncio.sleep(0.4)
-        assert shared_redis.exists(f"{namespace}:rewrite:k-short") == 0
+        assert 0 < shared_redis.pttl(f"{namespace}:rewrite:k-short") <= 2000
+        await until(lambda: shared_redis.exists(f"{namespace}:rewrite:k-short") == 0, timeout=60)
         value, hit = await short.get_or_compute("k-short", compute)  # expired in both tiers
     assert not hit and compute.calls == 2 and value == compute.values[1]
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,10 @@ class FakeOptimizer:
     def status(self) -> OptimizerStatus:
         return OptimizerStatus(self.state, self.identity, "fake")
 
+    load_seconds: float = 0.05
+
     async def start(self) -> None:
-        asyncio.get_running_loop().call_later(0.05, setattr, self, "state", self.load_to)
+        asyncio.get_running_loop().call_later(self.load_seconds, setattr, self, "state", self.load_to)
 
     async def optimize(self, text: str, mode: Mode) -> Rewrite:
         if self.closed or self.state != "ready":
@@ -51,14 +54,24 @@ class FakeBuilds:
 
     def __init__(self) -> None:
         self.built: list[FakeOptimizer] = []
+        self.load_seconds = 0.05
 
     def __call__(self, spec: str, options: OptimizerOptions) -> FakeOptimizer:
         kind, _, name = spec.partition(":")
         if kind != "fake":
             raise SpecError(f"unknown optimizer spec {spec!r}")
-        optimizer = FakeOptimizer(f"{name}@{len(self.built) + 1}", load_to="failed" if name == "broken" else "ready")
+        optimizer = FakeOptimizer(f"{name}@{len(self.built) + 1}", load_to="failed" if name == "broken" else "ready",
+                                  load_seconds=self.load_seconds)
         self.built.append(optimizer)
         return optimizer
+
+
+async def until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Yield to the loop until ``condition`` holds (an ordering aid, not a timing assertion)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.01)
 
 
 async def started(spec: str = "fake:bpo") -> tuple[ReloadableOptimizer, FakeBuilds]:
@@ -102,11 +115,13 @@ async def test_failed_load_keeps_the_old_optimizer_serving() -> None:
 
 
 async def test_reload_without_spec_reloads_the_same_spec_and_status_shows_progress() -> None:
-    optimizer, _builds = await started()
+    optimizer, builds = await started()
+    builds.load_seconds = 3600  # the candidate loads when the test says so, however slow the machine
     reloading = asyncio.create_task(optimizer.reload())
-    await asyncio.sleep(0.01)
+    await until(lambda: len(builds.built) == 2)
     assert optimizer.status().state == "ready"
     assert optimizer.status().detail.endswith("reloading fake:bpo")
+    builds.built[1].state = "ready"
     result = await reloading
     assert result.current == "bpo@2" and optimizer.status().detail == "fake"
     await optimizer.close()
@@ -117,11 +132,7 @@ async def test_sighup_reloads_the_current_spec() -> None:
     uninstall = install_sighup(optimizer)
     try:
         os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(200):
-            if optimizer.identity == "bpo@2":
-                break
-            await asyncio.sleep(0.01)
-        assert optimizer.identity == "bpo@2"
+        await until(lambda: optimizer.identity == "bpo@2")
     finally:
         uninstall()
         await optimizer.close()
@@ -152,14 +163,18 @@ async def test_reload_real_models_under_load_fails_no_request(tiny_model_dir: Pa
             rewrite = await optimizer.optimize(f"prompt {index}", "aggressive" if index % 2 else "stable")
             served.append((after_swap, rewrite.optimizer))
 
+    def served_after_swap() -> int:
+        return sum(started_after for started_after, _ in served)
+
     clients = [asyncio.create_task(client(i)) for i in range(6)]
     try:
-        await asyncio.sleep(0.3)
+        # Conditions, not fixed sleeps: on a busy machine one generate call can outlast any short pause.
+        await until(lambda: len(served) >= 6)
         result = await optimizer.reload(f"hf:{second}")
         # Nothing else ran between the swap inside reload() and this line: later requests must see v2.
         swapped = True
         assert (result.previous, result.current) == ("hf:bpo-tiny@1", "hf:bpo-tiny@2")
-        await asyncio.sleep(0.3)
+        await until(lambda: served_after_swap() >= 6)
     finally:
         stop = True
         outcomes = await asyncio.gather(*clients, return_exceptions=True)

@@ -126,7 +126,7 @@ def test_client_disconnect_cancels_the_upstream_stream(upstream: FakeUpstream, p
     with httpx.stream("POST", proxy.base_url + "/chat/completions", json=body, timeout=10) as response:
         first = next(response.iter_raw())
         assert first.startswith(b"data: ")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while upstream.disconnects == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert upstream.disconnects == before + 1

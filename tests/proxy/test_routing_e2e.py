@@ -181,7 +181,7 @@ def test_litellm_stream_client_disconnect_cancels_the_provider_stream(tmp_path: 
     body = {"model": "translated", "stream": True, "messages": [{"role": "user", "content": "go"}]}
     with httpx.stream("POST", proxy.base_url + "/chat/completions", json=body, timeout=30) as response:
         assert next(response.iter_raw()).startswith(b"data: ")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while upstream.disconnects == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert upstream.disconnects == before + 1
