@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -17,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope
 
 from optimizer.cache import tenant_of
-from optimizer.pipeline import Outcome, RewritePipeline
+from optimizer.pipeline import RewritePipeline
 from proxy.ab import ArmAssigner, ArmDecision
 from proxy.errors import ProxyError
 from proxy.events import EventSink
@@ -36,7 +35,7 @@ from proxy.litellm_forward import LiteLLMForwarder
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
 from proxy.protocol import ChatRequest, parse_chat_request, read_body_from
-from proxy.rewrite import UserTurn, find_last_user_text, replace_user_text
+from proxy.rewrite import find_last_user_turn, replace_user_text
 from proxy.settings import Settings
 from proxy.shadow import ShadowJudge
 
@@ -57,20 +56,6 @@ class Rewritten:
     cache: str
     optimizer: str
     optimized_text: str | None
-
-
-def combine(outcomes: Sequence[Outcome]) -> tuple[bool, str | None, str]:
-    """Applied if any text was; the first reason otherwise; hit only if every text hit."""
-    applied = any(o.applied for o in outcomes)
-    reason = None if applied else next((o.reason for o in outcomes if o.reason), None)
-    caches = {o.cache for o in outcomes}
-    cache = "miss" if "miss" in caches else ("hit" if caches == {"hit"} else "off")
-    return applied, reason, cache
-
-
-def _single(outcome: Outcome) -> tuple[bool, str | None, str]:
-    """``combine`` of one outcome."""
-    return outcome.applied, None if outcome.applied else outcome.reason, outcome.cache
 
 
 def header_safe(value: str) -> str:
@@ -184,19 +169,15 @@ class ChatService:
             return Rewritten(None, False, decision.reason, "off", optimizer, None)
         if self.pipeline.optimizer.status().state == "disabled":  # --optimizer none
             return Rewritten(None, False, "disabled", "off", optimizer, None)
-        turn = find_last_user_text(chat.body["messages"])
+        turn = find_last_user_turn(chat.body["messages"])
         if turn is None:
             return Rewritten(None, False, NOT_USER_TURN, "off", optimizer, None)
         tenant = tenant_of(api_key) if self.settings.cache_per_tenant and api_key else ""
-        if len(turn.texts) == 1:  # the common case: no task to gather
-            outcomes: Sequence[Outcome] = [await self.pipeline.run(turn.texts[0], decision.mode, tenant)]
-        else:
-            outcomes = await asyncio.gather(*(self.pipeline.run(t, decision.mode, tenant) for t in turn.texts))
-        applied, reason, cache = combine(outcomes) if len(outcomes) > 1 else _single(outcomes[0])
-        texts = [o.text for o in outcomes]
-        body = replace_user_text(chat.exact_body, turn, texts) if applied else None
-        return Rewritten(body, applied, reason, cache, outcomes[0].optimizer,
-                         "\n".join(texts) if applied else None)
+        outcome = await self.pipeline.run(turn.prompt.text, decision.mode, tenant)  # the whole turn: one call
+        if not outcome.applied:
+            return Rewritten(None, False, outcome.reason, outcome.cache, outcome.optimizer, None)
+        body = replace_user_text(chat.exact_body, turn, outcome.text)
+        return Rewritten(body, True, None, outcome.cache, outcome.optimizer, outcome.text)
 
     @staticmethod
     def _payload(chat: ChatRequest, rewritten: Rewritten, target: Target) -> bytes:
@@ -252,7 +233,7 @@ class ChatService:
         if exchange.error:
             event["error"] = exchange.error
         if self.settings.events_include_text:
-            turn: UserTurn | None = find_last_user_text(chat.body["messages"])
-            event["prompt"] = "\n".join(turn.texts) if turn else None
+            turn = find_last_user_turn(chat.body["messages"])
+            event["prompt"] = turn.prompt.text if turn else None
             event["optimized_prompt"] = rewritten.optimized_text
         return event

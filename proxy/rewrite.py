@@ -1,56 +1,98 @@
-"""Find the texts of the last user message, and put rewrites in their place; pure functions."""
+"""One user turn as one prompt: find its text, and put the rewrite back in its place; pure functions.
+
+Every request shape keeps a user turn's content the same way: a plain string, or a list of parts of which
+some are text (chat's ``text``, the Responses API's ``input_text``, Anthropic's ``text`` blocks) and the others
+are not (images, audio, files, tool results). ``turn_prompt`` and ``put_back`` work on such a content value
+whatever the shape; ``find_last_user_turn`` and ``replace_user_text`` apply them to a chat completion.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# How a turn's text parts become one prompt (vLLM's chat templates join text parts the same way).
+PART_SEPARATOR = "\n"
+CHAT_TEXT_PARTS = frozenset({"text"})
+
 
 @dataclass(slots=True)  # not frozen: built on every request, and a frozen dataclass costs 4x to build
+class TurnPrompt:
+    """A turn's text as one prompt, and where that text came from in the turn's content."""
+
+    text: str
+    part_indexes: tuple[int, ...] | None  # None: the content is a plain string; else every text part's index
+
+
+def turn_prompt(content: Any, text_types: Container[str] = CHAT_TEXT_PARTS) -> TurnPrompt | None:
+    """The prompt of one turn's ``content``; None when it holds no text to rewrite.
+
+    ``content`` is a string, or a list of parts (objects with a ``type``); parts whose type is in
+    ``text_types`` and whose ``text`` is a string are the text parts. Their non-blank texts are joined with
+    ``PART_SEPARATOR`` into one prompt (one optimizer call, one ``--max-prompt-chars`` budget for the whole
+    turn, and the context the optimizer needs: "Describe the chart" and "Be brief." belong together). One pass,
+    linear in the content's size, whatever the number of parts.
+    """
+    if isinstance(content, str):
+        return TurnPrompt(content, None) if content.strip() else None
+    if not isinstance(content, list):
+        return None
+    indexes: list[int] = []
+    texts: list[str] = []
+    for index, part in enumerate(content):
+        if isinstance(part, Mapping) and part.get("type") in text_types and isinstance(part.get("text"), str):
+            indexes.append(index)
+            if part["text"].strip():
+                texts.append(part["text"])
+    if not texts:
+        return None
+    return TurnPrompt(texts[0] if len(texts) == 1 else PART_SEPARATOR.join(texts), tuple(indexes))
+
+
+def put_back(content: Any, prompt: TurnPrompt, rewrite: str) -> str | list[Any]:
+    """``content`` with ``rewrite`` in place of the turn's text; ``content`` itself is left as it was.
+
+    A string becomes the rewrite. In a part list the rewrite goes into the first text part (its other fields,
+    such as Anthropic's ``cache_control``, kept) and the other text parts are removed: the rewrite stands for
+    all of them. Non-text parts keep their order around it.
+    """
+    if prompt.part_indexes is None:
+        return rewrite
+    first, *others = prompt.part_indexes
+    removed = set(others)
+    parts = [part for index, part in enumerate(content) if index not in removed] if removed else list(content)
+    parts[first] = {**content[first], "text": rewrite}  # no part before ``first`` was removed
+    return parts
+
+
+@dataclass(slots=True)
 class UserTurn:
-    """The last user message's texts: one plain string, or each ``text`` part of a content-part list."""
+    """The last message of a chat completion, when it is the user's and holds text."""
 
     message_index: int
-    texts: tuple[str, ...]
-    part_indexes: tuple[int, ...] | None  # None: the content is a plain string
+    prompt: TurnPrompt
 
 
-def find_last_user_text(messages: Sequence[Any]) -> UserTurn | None:
-    """The last message's texts when that message is the user's; None for any other turn or no text."""
+def find_last_user_turn(messages: Sequence[Any]) -> UserTurn | None:
+    """The last message's prompt when that message is the user's; None for any other turn or no text."""
     if not messages:
         return None
     index = len(messages) - 1
     message = messages[index]
     if not isinstance(message, Mapping) or message.get("role") != "user":
         return None
-    content = message.get("content")
-    if isinstance(content, str):
-        return UserTurn(index, (content,), None) if content.strip() else None
-    if isinstance(content, list):
-        parts = [(i, p["text"]) for i, p in enumerate(content)
-                 if isinstance(p, Mapping) and p.get("type") == "text"
-                 and isinstance(p.get("text"), str) and p["text"].strip()]
-        if parts:
-            return UserTurn(index, tuple(t for _, t in parts), tuple(i for i, _ in parts))
-    return None
+    prompt = turn_prompt(message.get("content"))
+    return None if prompt is None else UserTurn(index, prompt)
 
 
-def replace_user_text(body: Mapping[str, Any], turn: UserTurn, new_texts: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``body`` whose last user message carries ``new_texts``; nothing else changes.
+def replace_user_text(body: Mapping[str, Any], turn: UserTurn, rewrite: str) -> dict[str, Any]:
+    """A copy of ``body`` whose last user message carries ``rewrite``; nothing else changes.
 
     Only the containers on the path to the changed text are copied, so the caller's body stays intact.
     """
-    if len(new_texts) != len(turn.texts):
-        raise ValueError("one rewrite per text is needed")
     messages = list(body["messages"])
     message = dict(messages[turn.message_index])
-    if turn.part_indexes is None:
-        message["content"] = new_texts[0]
-    else:
-        parts = list(message["content"])
-        for index, text in zip(turn.part_indexes, new_texts, strict=True):
-            parts[index] = {**parts[index], "text": text}
-        message["content"] = parts
+    message["content"] = put_back(message["content"], turn.prompt, rewrite)
     messages[turn.message_index] = message
     return {**body, "messages": messages}

@@ -66,7 +66,7 @@ class Settings:
     require_optimizer: bool = _opt(False, "fail start-up when the optimizer cannot load, instead of passing through")
     mode: str = _opt("stable", "default rewrite mode: stable | aggressive", choices=("stable", "aggressive"))
     optimize_by_default: bool = _opt(True, "rewrite prompts when neither X-BPO nor an A/B split decides")
-    max_prompt_chars: int = _opt(8000, "prompts longer than this are forwarded unchanged (too-long)")
+    max_prompt_chars: int = _opt(8000, "a user turn with more text (all parts) is forwarded unchanged (too-long)")
     max_body_bytes: int = _opt(10 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
     cache: str = _opt("memory", "rewrite cache: memory | redis://HOST:PORT/DB | none")
     cache_ttl_seconds: int = _opt(7 * 24 * 3600, "how long a cached rewrite lives")

@@ -36,7 +36,7 @@ from proxy.forward import (
 )
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.metrics import Metrics
-from proxy.rewrite import find_last_user_text
+from proxy.rewrite import find_last_user_turn
 from proxy.settings import Settings
 
 log = logging.getLogger("bpo.shadow")
@@ -279,10 +279,10 @@ class ShadowJudge:
                 headers: Mapping[str, str]) -> Response:
         if response.status_code != 200 or not self.sample():
             return response
-        turn = find_last_user_text(body.get("messages") or [])
+        turn = find_last_user_turn(body.get("messages") or [])
         if turn is None:
             return response
-        job = ShadowJob(request_id, dict(body), "\n".join(turn.texts), headers=dict(headers))
+        job = ShadowJob(request_id, dict(body), turn.prompt.text, headers=dict(headers))
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._keep_stream(response.body_iterator, job)
             return response

@@ -1,40 +1,65 @@
-"""The pure find/replace of the last user message's text."""
+"""The pure find/replace of a user turn's text: one turn, one prompt."""
 
 from __future__ import annotations
 
 import copy
 
-from proxy.rewrite import find_last_user_text, replace_user_text
+from proxy.rewrite import PART_SEPARATOR, TurnPrompt, find_last_user_turn, put_back, replace_user_text, turn_prompt
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 
 
 def test_plain_string_is_found_and_replaced_without_touching_the_input() -> None:
     body = {"model": "m", "messages": [{"role": "system", "content": "be nice"},
                                        {"role": "user", "content": "hi", "name": "ann"}], "n": 2}
     before = copy.deepcopy(body)
-    turn = find_last_user_text(body["messages"])
-    assert turn is not None and turn.texts == ("hi",) and turn.part_indexes is None
-    new = replace_user_text(body, turn, ["hello there"])
+    turn = find_last_user_turn(body["messages"])
+    assert turn is not None and turn.prompt == TurnPrompt("hi", None)
+    new = replace_user_text(body, turn, "hello there")
     assert body == before
     assert new["messages"][1] == {"role": "user", "content": "hello there", "name": "ann"}
     assert new["messages"][0] is body["messages"][0]
     assert {k: v for k, v in new.items() if k != "messages"} == {"model": "m", "n": 2}
 
 
-def test_each_text_part_is_replaced_and_other_parts_keep_their_place() -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    content = [{"type": "text", "text": "look"}, image, {"type": "text", "text": "what is it?"}]
+def test_text_parts_are_one_prompt_put_back_in_the_first_text_part() -> None:
+    content = [IMAGE, {"type": "text", "text": "Describe the chart"}, {"type": "input_audio", "input_audio": {}},
+               {"type": "text", "text": "   "}, {"type": "text", "text": "Be brief."}, IMAGE]
+    before = copy.deepcopy(content)
     body = {"messages": [{"role": "user", "content": content}]}
-    turn = find_last_user_text(body["messages"])
-    assert turn is not None and turn.texts == ("look", "what is it?") and turn.part_indexes == (0, 2)
-    new = replace_user_text(body, turn, ["LOOK", "WHAT?"])
-    assert new["messages"][0]["content"] == [{"type": "text", "text": "LOOK"}, image,
-                                             {"type": "text", "text": "WHAT?"}]
-    assert content[0]["text"] == "look"
+    turn = find_last_user_turn(body["messages"])
+    assert turn is not None
+    assert turn.prompt.text == "Describe the chart" + PART_SEPARATOR + "Be brief."
+    assert turn.prompt.part_indexes == (1, 3, 4)
+    new = replace_user_text(body, turn, "REWRITE")
+    assert new["messages"][0]["content"] == [IMAGE, {"type": "text", "text": "REWRITE"},
+                                             {"type": "input_audio", "input_audio": {}}, IMAGE]
+    assert content == before
+
+
+def test_put_back_keeps_a_text_parts_other_fields_and_works_for_any_part_type() -> None:
+    content = [{"type": "input_text", "text": "a", "cache_control": {"type": "ephemeral"}},
+               {"type": "input_image", "image_url": "x"}, {"type": "input_text", "text": "b"}]
+    prompt = turn_prompt(content, text_types={"input_text"})
+    assert prompt == TurnPrompt("a\nb", (0, 2))
+    assert put_back(content, prompt, "AB") == [
+        {"type": "input_text", "text": "AB", "cache_control": {"type": "ephemeral"}},
+        {"type": "input_image", "image_url": "x"}]
+    assert turn_prompt(content) is None  # chat's text type is "text": nothing to rewrite here
+
+
+def test_many_parts_are_one_pass() -> None:
+    content = [{"type": "text", "text": f"p{i}"} for i in range(20_000)]
+    prompt = turn_prompt(content)
+    assert prompt is not None and prompt.text.count(PART_SEPARATOR) == 19_999
+    assert put_back(content, prompt, "one") == [{"type": "text", "text": "one"}]
 
 
 def test_turns_that_do_not_end_with_user_text_are_left_alone() -> None:
-    assert find_last_user_text([]) is None
-    assert find_last_user_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) is None
-    assert find_last_user_text([{"role": "tool", "tool_call_id": "1", "content": "42"}]) is None
-    assert find_last_user_text([{"role": "user", "content": "   "}]) is None
-    assert find_last_user_text([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]) is None
+    assert find_last_user_turn([]) is None
+    assert find_last_user_turn([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) is None
+    assert find_last_user_turn([{"role": "tool", "tool_call_id": "1", "content": "42"}]) is None
+    assert find_last_user_turn([{"role": "user", "content": "   "}]) is None
+    assert find_last_user_turn([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]) is None
+    assert find_last_user_turn([{"role": "user", "content": [{"type": "text", "text": " "}]}]) is None
+    assert find_last_user_turn([{"role": "user", "content": None}]) is None
