@@ -58,7 +58,7 @@ def run_rewrite(args: argparse.Namespace) -> int:
     mode: Mode = "aggressive" if settings.mode == "aggressive" else "stable"
     try:
         rewrite = asyncio.run(asyncio.wait_for(rewrite_once(settings.optimizer, options, text, mode), args.timeout))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"bpo rewrite: no rewrite within {args.timeout:g} s", file=sys.stderr)
         return 1
     except OptimizerError as exc:

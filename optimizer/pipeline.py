@@ -59,7 +59,7 @@ class RewritePipeline:
         try:
             value, hit = await asyncio.wait_for(
                 self.cache.get_or_compute(key, lambda: self._compute(text, mode)), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self._fail_open(text, TIMEOUT, cache_state, optimizer, "optimizer")
         except OptimizerUnavailable:
             return Outcome(text, False, OPTIMIZER_UNAVAILABLE, cache_state, optimizer)

@@ -219,7 +219,7 @@ class RedisCache:
         """The published value, or None after ``delay`` or when the holder reported a failure."""
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             if waiter.done():  # a failure notice: listen again before retrying the lock

@@ -128,7 +128,7 @@ class ReloadableOptimizer:
         try:
             await candidate.start()
             await asyncio.wait_for(_settled(candidate), self.load_timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             await candidate.close()
             raise ReloadError(f"{spec} did not load within {self.load_timeout:g} s") from exc
         except BaseException:

@@ -188,7 +188,7 @@ class RemoteOptimizer:
                 except ValueError:
                     payload = (await response.text())[:200]
                 return response.status, payload
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise OptimizerError(f"{self.base_url}{path} did not answer within "
                                  f"{self.options.request_timeout:g} s") from exc
         except aiohttp.ClientConnectionError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -204,7 +203,7 @@ class HttpForwarder:
         try:
             upstream = await self._session.request(method, url, headers=headers, data=body, params=params,
                                                    timeout=self._stream_timeout if stream else self._timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"The upstream did not answer in time: {url}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"The upstream could not be reached: {exc}") from exc
@@ -217,7 +216,7 @@ class HttpForwarder:
             return relay
         try:
             payload = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnreachable(f"The upstream broke off its response: {exc}") from exc
         finally:
             upstream.release()
@@ -236,7 +235,7 @@ class HttpForwarder:
                 tail = (tail + chunk)[-USAGE_TAIL_BYTES:]
                 yield chunk
             finished = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             exchange.error = f"upstream stream broke: {exc}"
             log.warning("upstream stream broke off: %s", exc)
         finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from training.critic import CRITIC_PROMPT_VERSION, CriticParseError, build_critic_messages, parse_critic_output
@@ -143,7 +143,7 @@ def main(config: BuildConfig) -> FilterStats:
     asyncio.run(run_critic(todo, config, stats))
     write_json(config.run_path, {"stage": "data build", "config": saved_config(config), "stats": stats.as_dict(),
                                  "critic_prompt_version": CRITIC_PROMPT_VERSION,
-                                 "finished": datetime.now(timezone.utc).isoformat()})
+                                 "finished": datetime.now(UTC).isoformat()})
     print_stats(stats, config)
     return stats
 

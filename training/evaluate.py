@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -291,5 +291,5 @@ def main(config: EvalConfig) -> Summary:
         plot_tallies(summary.tallies, config.plot, title)
     write_json(Path(config.output).with_suffix(".summary.json"), {
         "stage": "eval", "config": saved_config(config), "run": run_id, "errors": errors, **summary.as_dict(),
-        "finished": datetime.now(timezone.utc).isoformat()})
+        "finished": datetime.now(UTC).isoformat()})
     return summary

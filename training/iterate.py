@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from training.errors import ConfigError
@@ -76,7 +76,7 @@ def main(config: IterateConfig) -> int:
     errors = asyncio.run(iterate(config, prompts))
     write_json(Path(config.output).with_suffix(".run.json"), {
         "stage": "data iterate", "config": saved_config(config), "prompts": len(prompts), "errors": errors,
-        "finished": datetime.now(timezone.utc).isoformat()})
+        "finished": datetime.now(UTC).isoformat()})
     print(f"wrote {config.output}: {len(prompts) - errors} prompt(s), {config.rounds} round(s) each"
           + (f", {errors} failed (re-run to retry)" if errors else ""))
     return errors

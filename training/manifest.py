@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def build_manifest(model_dir: str | Path, name: str, base_model: str, data_sha25
 
     version = compute_version(weights_sha256(model_dir), data_sha256, hyperparameters)
     return Manifest(name=name, version=version, base_model=base_model, data_sha256=data_sha256,
-                    template_version=TEMPLATE_VERSION, created=datetime.now(timezone.utc).isoformat(),
+                    template_version=TEMPLATE_VERSION, created=datetime.now(UTC).isoformat(),
                     hyperparameters=hyperparameters, metrics=metrics)
 
 

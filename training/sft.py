@@ -14,7 +14,7 @@ import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -268,7 +268,7 @@ def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: 
     if config.eval_generate and prepared.held_out:
         metrics.update(offline_metrics(model, prepared, config.eval_generate))
     write_json(output / CONFIG_NAME, {"stage": "train", "config": saved_config(config), "metrics": metrics,
-                                      "finished": datetime.now(timezone.utc).isoformat()})
+                                      "finished": datetime.now(UTC).isoformat()})
     name = config.name or output.resolve().name
     manifest = build_manifest(output, name, config.base, prepared.data_sha256, hyperparameters(config), metrics)
     write_manifest(output, manifest)

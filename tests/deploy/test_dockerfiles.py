@@ -111,7 +111,7 @@ def _dockerignore_allows(path: str) -> bool:
 def test_dockerignore_ships_the_sources_and_nothing_private() -> None:
     sources = {src for name in IMAGES for stage in stages(name) for c in stage.all("COPY") if not c.flags
                for src in c.value[:-1]}
-    assert sources == {"pyproject.toml", "README.md", "proxy", "optimizer", "training"}
+    assert sources == {"pyproject.toml", "README.md", "deploy/constraints.txt", "proxy", "optimizer", "training"}
     for source in sources:
         assert _dockerignore_allows(source), f"{source} is excluded from the build context"
     for module in ("proxy/cli.py", "optimizer/remote.py"):
@@ -123,7 +123,7 @@ def test_dockerignore_ships_the_sources_and_nothing_private() -> None:
 
 def _install_targets(name: str) -> list[str]:
     runs = " ".join(c.value[0] for stage in stages(name) for c in stage.all("RUN"))
-    return re.findall(r"pip install ([^\s&;]+)", runs)
+    return re.findall(r"pip install -c constraints.txt ([^\s&;]+)", runs)
 
 
 def _closure(requirements: list[Requirement]) -> set[str]:
@@ -156,3 +156,17 @@ def test_gpu_image_installs_the_gpu_extra_with_torch_and_transformers() -> None:
     assert _install_targets("Dockerfile.gpu") == ['"./[gpu]"']
     gpu = {canonicalize_name(Requirement(r).name) for r in pyproject()["project"]["optional-dependencies"]["gpu"]}
     assert {"torch", "transformers"} <= gpu
+
+
+def test_images_install_from_the_constraints_that_pin_every_dependency() -> None:
+    pinned = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[canonicalize_name(name)] = version
+    project = pyproject()["project"]
+    for raw in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]:
+        requirement = Requirement(raw)
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{name} is not pinned in deploy/constraints.txt"
+        assert requirement.specifier.contains(pinned[name]), f"{name}=={pinned[name]} breaks {requirement}"
