@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 from yarl import URL
 
-from proxy.errors import NotFound, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import InvalidRequest, NotFound, UpstreamTimeout, UpstreamUnreachable
 from proxy.settings import Settings
 
 log = logging.getLogger("bpo.forward")
@@ -27,6 +29,9 @@ HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
 })
 USAGE_TAIL_BYTES = 8192
+# RFC 3986's path characters: unreserved, sub-delims, ":", "@", "/" and well-formed percent escapes.
+_PATH_CHARACTERS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+_SEPARATORS = re.compile(r"[/\\]")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,30 @@ def chat_url(target: Target) -> tuple[str, dict[str, str] | None]:
         return (f"{target.base_url}/openai/deployments/{target.model}/chat/completions",
                 {"api-version": version})
     return f"{target.base_url}/chat/completions", None
+
+
+def passthrough_url(base_url: str, raw_path: str, query: str) -> URL:
+    """``base_url`` followed by what comes after ``/v1`` in the client's raw path, and its query.
+
+    The path goes on as the client encoded it (``%2F`` inside a segment stays ``%2F``), so it can only ever
+    name a path on the configured scheme, host and port. What could still climb out of the base path is
+    refused, not normalised: a path not under ``/v1/`` as sent (``/v1%2F@host``), characters outside RFC
+    3986's path set, and dot segments in any spelling (``..``, ``%2e%2e``, ``..%2F`` or ``..%5C`` in a
+    segment), because the provider may decode once more than we do.
+    """
+    if not raw_path.startswith("/v1/") or not _PATH_CHARACTERS.fullmatch(raw_path):
+        raise InvalidRequest("The path must be /v1/ followed by a percent-encoded path.", code="invalid_path")
+    tail = raw_path.removeprefix("/v1")
+    for segment in tail.split("/"):
+        if any(part in (".", "..") for part in _SEPARATORS.split(unquote(segment))):
+            raise InvalidRequest("Dot segments (. and .., encoded or not) are not allowed in the path.",
+                                 code="invalid_path")
+    base = URL(base_url)
+    url = URL.build(scheme=base.scheme, authority=base.raw_authority, path=base.raw_path.rstrip("/") + tail,
+                    query_string=query, encoded=True)
+    if (url.scheme, url.raw_host, url.port) != (base.scheme, base.raw_host, base.port):
+        raise InvalidRequest("The path must not name another host.", code="invalid_path")
+    return url
 
 
 def upstream_headers(headers: Mapping[str, str], api_key: str | None, azure: bool = False) -> dict[str, str]:

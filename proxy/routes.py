@@ -9,11 +9,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from proxy.errors import NotFound, ProxyError
 from proxy.feedback import feedback_endpoint
-from proxy.forward import Exchange, upstream_headers
+from proxy.forward import Exchange, passthrough_url, upstream_headers
 from proxy.protocol import read_body
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -44,7 +43,7 @@ async def list_models(request: Request) -> Response:
     if not settings.upstream_base_url:
         return JSONResponse({"object": "list", "data": data})
     try:
-        upstream = await _forward(request, "/models")
+        upstream = await _forward(request, "/v1/models")
     except ProxyError as exc:
         return JSONResponse({"object": "list", "data": data}) if data else exc.response()
     if upstream.status_code != 200:
@@ -67,21 +66,20 @@ async def passthrough(request: Request) -> Response:
     # The raw path and query, as sent: decoding would turn %2F into a path separator and drop repeated keys.
     raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
     query: bytes = request.scope.get("query_string", b"")
-    tail = raw_path.decode("latin-1").removeprefix("/v1") + ("?" + query.decode("latin-1") if query else "")
     try:
-        return await _forward(request, tail)
+        return await _forward(request, raw_path.decode("latin-1"), query.decode("latin-1"))
     except ProxyError as exc:
         return exc.response()
 
 
-async def _forward(request: Request, path_and_query: str) -> Response:
+async def _forward(request: Request, raw_path: str, query: str = "") -> Response:
     settings = request.app.state.settings
     if not settings.upstream_base_url:
-        raise NotFound(f"No upstream is configured for /v1{path_and_query}; set --upstream-base-url.",
+        raise NotFound(f"No upstream is configured for {request.url.path}; set --upstream-base-url.",
                        code="no_upstream")
+    url = passthrough_url(settings.upstream_base_url, raw_path, query)
     body = await read_body(request, settings.max_body_bytes)
     headers = upstream_headers(request.headers, settings.upstream_api_key)
-    url = URL(settings.upstream_base_url.rstrip("/") + path_and_query, encoded=True)
     response: Response = await request.app.state.http.forward(request.method, url, headers, body, Exchange(), {})
     return response
 

@@ -41,7 +41,12 @@ class Recorded:
 
 @dataclass
 class Reply:
-    """What the fake answers: JSON, an SSE stream of chunks, or raw bytes; optional delay and headers."""
+    """What the fake answers: JSON, an SSE stream of chunks, or raw bytes; optional delay and headers.
+
+    Broken providers: ``cut_after`` drops the connection after that many ``sse`` chunks (no final chunk);
+    ``stall_after`` goes silent for ``stall_seconds`` after that many. ``media_type`` sends the chunks as
+    something else than SSE (a plain JSON answer trickled in pieces).
+    """
 
     status: int = 200
     json: Any = None
@@ -50,6 +55,10 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     chunk_delay: float = 0.0
+    media_type: str = "text/event-stream"
+    cut_after: int | None = None
+    stall_after: int | None = None
+    stall_seconds: float = 0.0
 
 
 Responder = Callable[[Recorded], Reply]
@@ -129,6 +138,22 @@ def _completion_chunk(body: dict[str, Any], text: str, finish: str | None = None
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
+class CutStream(Response):
+    """The first ``cut_after`` chunks of ``reply.sse``, then the connection dropped: no final chunk."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.status_code = reply.status
+        headers = {"content-type": reply.media_type, **reply.headers}  # no length: the body goes chunked
+        self.raw_headers = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+        self.chunks = (reply.sse or [])[:reply.cut_after]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # Returning with the body incomplete: uvicorn closes the connection without the last chunk.
+
+
 class FakeUpstream:
     """The fake provider. ``responders[path]`` overrides the default answer for a path."""
 
@@ -167,19 +192,23 @@ class FakeUpstream:
         reply = self._reply_for(recorded)
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        if reply.sse is not None and reply.cut_after is not None:
+            return CutStream(reply)
         if reply.sse is not None:
             return StreamingResponse(self._stream(reply), status_code=reply.status,
-                                     media_type="text/event-stream", headers=reply.headers)
+                                     media_type=reply.media_type, headers=reply.headers)
         if reply.raw is not None:
             return Response(reply.raw, status_code=reply.status, headers=reply.headers)
         return JSONResponse(reply.json, status_code=reply.status, headers=reply.headers)
 
     async def _stream(self, reply: Reply) -> Any:
         try:
-            for chunk in reply.sse or []:
+            for sent, chunk in enumerate(reply.sse or [], start=1):
                 yield chunk
                 if reply.chunk_delay:
                     await asyncio.sleep(reply.chunk_delay)
+                if sent == reply.stall_after:
+                    await asyncio.sleep(reply.stall_seconds)
         except (asyncio.CancelledError, GeneratorExit):
             self.disconnects += 1
             raise
