@@ -6,6 +6,11 @@ Each record's (``final_input`` -> ``final_output``) is the training pair of the 
 ``--field-pair optimized`` the pair is (instruction + context -> ``optimized_prompt``) instead. Also reads
 JSONL files of ``prompt`` / ``optimized_prompt`` (the output of ``bpo data build``).
 
+Then the junk classes a real optimizer emits, built from the same records: the template echoed, the
+answer instead of a prompt (the record's good response, cut to a length the length rule allows), a loop
+(the reference's opening words over and over) and an unrelated instruction (another record's reference).
+The guard should reject nearly all of them while accepting nearly all references.
+
 It then times the guard on adversarial prompts (long runs that once made a rule backtrack) at 8,000 and
 32,000 characters: linear rules take about 4x as long on 4x the text, a quadratic one about 16x.
 """
@@ -40,6 +45,43 @@ def pair_of(record: dict[str, Any], field_pair: str) -> tuple[str, str]:
         original = record["instruction"] + ("\n" + context if context else "")
         return original, str(record["optimized_prompt"])
     return str(record["final_input"]), str(record["final_output"])
+
+
+# What an echoing optimizer writes: its own instruction, alone or around the prompt.
+ECHO_OPENING = ("You're an expert prompt engineer. Please help me improve this prompt to get a more helpful "
+                "and harmless response")
+
+
+def junk_rewrites(records: list[tuple[str, str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """(original, junk rewrite) pairs per junk class, from (original, reference, answer) triples."""
+    classes: dict[str, list[tuple[str, str]]] = {"template-echo": [], "answer": [], "repetition": [],
+                                                  "unrelated": []}
+    for index, (original, reference, answer) in enumerate(records):
+        echoes = (ECHO_OPENING + ":\n" + original, ECHO_OPENING + ".",
+                  "You are an expert prompt engineer. " + reference)
+        classes["template-echo"].append((original, echoes[index % 3]))
+        budget = max(8, min(3 * len(original.split()), 64))
+        if answer.strip():
+            classes["answer"].append((original, " ".join(answer.split()[:budget])))
+        opening = " ".join(reference.split()[:8])
+        loops = max(3, budget // max(len(opening.split()), 1))
+        classes["repetition"].append((original, " ".join([opening] * loops)))
+        classes["unrelated"].append((original, records[(index + len(records) // 2) % len(records)][1]))
+    return classes
+
+
+def report_junk(records: list[dict[str, Any]], field_pair: str) -> None:
+    triples = [(*pair_of(record, field_pair), str(record.get("good_res") or "")) for record in records]
+    print("guard rejected junk rewrites built from the same records:")
+    for name, pairs in junk_rewrites(triples).items():
+        rules: Counter[str] = Counter()
+        for original, rewrite in pairs:
+            verdict = check_rewrite(original, rewrite)
+            if not verdict.accepted:
+                rules[verdict.rule or "?"] += 1
+        rejected = sum(rules.values())
+        by_rule = ", ".join(f"{rule} {count}" for rule, count in rules.most_common())
+        print(f"  {name:<14} {rejected:>3}/{len(pairs)} ({100 * rejected / max(len(pairs), 1):5.1f}%)  {by_rule}")
 
 
 # (opening, unit): the unit repeats after the opening to the length under test; the guard runs on the
@@ -100,6 +142,7 @@ def main() -> None:
     for rule in RULES:
         if reasons[rule.name]:
             print(f"  rejected by {rule.name:<13} {reasons[rule.name]:>3}  (keeps {rule.keeps})")
+    report_junk(records, args.field_pair)
     report_adversarial()
 
 

@@ -6,6 +6,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from optimizer.junk import check_answer, check_repetition, check_template_echo, check_topic
+
 # A rule returns None when the rewrite passes, else a short detail naming what went missing.
 Check = Callable[[str, str], "str | None"]
 
@@ -40,7 +42,9 @@ _NUMBER_WORDS = (
 )
 # A body may not contain its own opener, so "““““" costs one step per character, not 300.
 _QUOTED = re.compile(r"\"([^\"\n]{1,300})\"|“([^“”\n]{1,300})”|«([^«»\n]{1,300})»")
-_PLACEHOLDER = re.compile(r"\{\{?\s*[A-Za-z_][\w.\-]{0,40}\s*\}?\}|\{\d{1,2}\}|<[A-Za-z_][\w.\-]{0,40}>")
+# {x}, {{x}}, {0}, <x> and [NAME] / [Your Name] (not a markdown link's text: "[docs](https://...)").
+_PLACEHOLDER = re.compile(r"\{\{?\s*[A-Za-z_][\w.\-]{0,40}\s*\}?\}|\{\d{1,2}\}|<[A-Za-z_][\w.\-]{0,40}>"
+                          r"|\[[A-Za-z_][\w .\-]{0,40}\](?!\()")
 _URL_TRAILING = ".,;:!?)]}'\""
 _SPAN_TRAILING = " .,;:!?"
 # Quote style is not content: a rewrite may turn "inner" quotes into 'inner' ones.
@@ -181,15 +185,19 @@ def _check_passages(original: str, rewrite: str) -> str | None:
 RULES: tuple[GuardRule, ...] = (
     GuardRule("empty", "a non-empty rewrite", _check_nonempty),
     GuardRule("leaked-marker", "no template/critic marker ([INST], [PROTECT], [KEEP ...)", _check_markers),
+    GuardRule("template-echo", "no echo of the optimizer's own template", check_template_echo),
     GuardRule("length", "0.5x-6x the original's words (at least 64 words allowed)", _check_length),
+    GuardRule("repetition", "no loop: half its word 3-grams distinct, none 8+ times", check_repetition),
     GuardRule("code-block", "every ``` fenced block, line for line", _check_code_blocks),
     GuardRule("inline-code", "every `inline code` span", _check_inline_code),
     GuardRule("url", "every URL", _check_urls),
     GuardRule("email", "every e-mail address", _check_emails),
     GuardRule("number", "every number (1,000 = 1000)", _check_numbers),
     GuardRule("quoted", "every \"quoted\" / “quoted” / «quoted» span", _check_quoted),
-    GuardRule("placeholder", "every {x}, {{x}}, {0} and <x> placeholder", _check_placeholders),
+    GuardRule("placeholder", "every {x}, {{x}}, {0}, <x> and [NAME] placeholder", _check_placeholders),
     GuardRule("passage", f"every later paragraph of {PASSAGE_MIN_WORDS}+ words, verbatim", _check_passages),
+    GuardRule("answer", "a request, not a reply: asks for something when the original did", check_answer),
+    GuardRule("off-topic", "a fifth of the original's content words (3+ of them)", check_topic),
 )
 
 

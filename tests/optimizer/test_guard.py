@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from optimizer.guard import RULES, GuardVerdict, check_rewrite
+from optimizer.template import TEMPLATE
 
 FENCE = "```"
 
@@ -25,8 +29,9 @@ CASES = [
         "Greet the user in a playful manner while acknowledging that the AI is not the world.",
         None,
     ),
-    ("What is rabies?", " ".join(["word"] * 64), None),
-    ("What is rabies?", " ".join(["word"] * 65), "length"),
+    # (distinct words: 64 copies of one word would be a loop, rejected by the repetition rule first)
+    ("What is rabies?", "Explain " + " ".join(f"point{i}" for i in range(63)), None),
+    ("What is rabies?", "Explain " + " ".join(f"point{i}" for i in range(64)), "length"),
     (
         "Write a story about a dog who learns to fly over the mountains and meets a wise old eagle there.",
         "Write a story.",
@@ -205,3 +210,32 @@ def test_one_line_fence_is_code_not_an_info_string() -> None:
     assert check_rewrite(original, f"Fix this code please: {FENCE}x = 1 +{FENCE}").accepted
     verdict = check_rewrite(original, "Fix the broken addition please.")
     assert verdict == GuardVerdict(False, "code-block", "code block 'x = 1 +' is missing")
+
+
+# Junk a real optimizer wrote (the template echoed, an answer, a loop, another topic) next to faithful
+# rewrites of the same prompts: each junk row names the rule that must catch it, each faithful row passes.
+JUNK_AND_FAITHFUL = [json.loads(line) for line in
+                     (Path(__file__).parents[1] / "fixtures/guard/junk_and_faithful.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("row", JUNK_AND_FAITHFUL, ids=lambda row: f"{row['rule']}:{row['rewrite'][:30]}")
+def test_junk_is_rejected_by_its_rule_and_faithful_rewrites_pass(row: dict[str, str | None]) -> None:
+    verdict = check_rewrite(str(row["original"]), str(row["rewrite"]))
+    assert verdict.rule == row["rule"], verdict.detail
+
+
+def test_template_echo_is_caught_however_the_template_is_spelled() -> None:
+    echo = TEMPLATE.format(prompt="Tell me about Rome.").replace("[INST] ", "").replace(" [/INST]", "")
+    assert check_rewrite("Tell me about Rome.", echo).rule == "template-echo"
+    # a prompt about prompt engineering may say so: the runs it shares with the original do not count
+    original = "You are an expert prompt engineer. Please help me improve this prompt: 'list fruits'."
+    assert check_rewrite(original, original + " Explain each change.").accepted
+
+
+def test_topic_rule_leaves_prompts_too_short_to_judge_alone() -> None:
+    assert check_rewrite("Hi there!", "Greet the user and offer help with any question.").accepted
+
+
+def test_answer_rule_explains_itself() -> None:
+    verdict = check_rewrite("List three fruits.", "Here are three fruits: apple, pear and plum.")
+    assert verdict == GuardVerdict(False, "answer", "it opens like a reply ('Here are'), not a request")
