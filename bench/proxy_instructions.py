@@ -85,6 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1600, help="requests measured (beyond a 200-request run)")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--servers", default="",
+                        help="also count the gateway (optimizer off) on these HTTP servers, comma-separated: "
+                             "uvicorn-httptools, uvicorn-h11 (bench/servers.py)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
@@ -98,6 +101,9 @@ def main() -> None:
         "bpo-proxy, cache hit": ([python, "-m", "proxy", "serve", "--upstream-base-url", upstream,
                                   "--optimizer", f"remote:{upstream}", "--port"], "/readyz"),
     }
+    for server in filter(None, args.servers.split(",")):
+        targets[f"bpo-proxy, off, on {server}"] = (
+            [python, servers, "gateway", "--server", server, "--upstream", upstream, "--port"], "/readyz")
     lean = subprocess.Popen([python, servers, "upstream", "--port", str(upstream_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -36,6 +36,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.servers import SERVERS  # noqa: E402
 from tests.fakes.upstream import free_port  # noqa: E402
 
 BODY = json.dumps({"model": "fake-model", "messages": [
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true", help="skip the 10k-request memory check")
     parser.add_argument("--workers", type=int, default=1,
                         help="also measure bpo serve --workers N")
+    parser.add_argument("--servers", default="",
+                        help="also measure the gateway (optimizer off) on these HTTP servers, comma-separated: "
+                             + ", ".join(SERVERS) + " (bench/servers.py)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -178,6 +182,11 @@ def main() -> None:
         ports[name] = free_port()
         commands[name] = [python, "-m", "proxy", "serve", "--port", str(ports[name]), "--upstream-base-url",
                           upstream, "--optimizer", "none", "--workers", str(args.workers)]
+    for server in filter(None, args.servers.split(",")):
+        name = f"bpo-proxy, off, on {server}"
+        ports[name] = free_port()
+        commands[name] = [python, servers, "gateway", "--server", server, "--port", str(ports[name]),
+                          "--upstream", upstream]
     urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         started = {}

@@ -4,6 +4,9 @@
 (aiohttp.web, so the upstream itself is never the slowest part).
 ``python bench/servers.py passthrough --port P --upstream URL`` is the reference the issue measures against:
 a ~30-line Starlette app that reads the body, POSTs it with one pooled aiohttp client and returns the bytes.
+``python bench/servers.py gateway --server NAME --port P --upstream URL`` is bpo-proxy (optimizer off) on
+another HTTP server than ``bpo serve``'s, to choose the server by measurement (``SERVERS``); granian and
+hypercorn are not dependencies: ``pip install --target DIR granian hypercorn`` and set BENCH_EXTRA_PATH=DIR.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 
 CHAT_RESPONSE = json.dumps({
@@ -101,13 +106,50 @@ def run_passthrough_httpx(port: int, upstream: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+SERVERS = ("uvicorn-httptools", "uvicorn-h11", "granian", "hypercorn")
+
+
+def run_gateway(port: int, upstream: str, server: str) -> None:
+    """bpo-proxy, optimizer off, on ``server`` with that server's own limits only (none of proxy/server.py)."""
+    sys.path[:0] = [p for p in os.environ.get("BENCH_EXTRA_PATH", "").split(os.pathsep) if p]
+    os.environ.update({"BPO_UPSTREAM_BASE_URL": upstream, "BPO_OPTIMIZER": "none", "BPO_LOG_LEVEL": "warning"})
+    factory = "proxy.app:create_app_from_environment"
+    if server == "granian":  # its own process tree; Rust HTTP/1 with a header-read timeout and buffer bound
+        os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+        os.execv(sys.executable, [sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host",
+                                  "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--log-level", "warning",
+                                  "--no-ws", factory])
+    from proxy.app import create_app_from_environment
+
+    app = create_app_from_environment()
+    if server == "hypercorn":
+        import uvloop
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind, config.loglevel, config.read_timeout = [f"127.0.0.1:{port}"], "warning", 10
+        uvloop.run(serve(app, config))  # type: ignore[arg-type]
+        return
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False, server_header=False,
+                http=server.removeprefix("uvicorn-"))
+
+
 ROLES = {"passthrough": run_passthrough, "passthrough-httpx": run_passthrough_httpx}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("role", choices=("upstream", *ROLES))
+    parser.add_argument("role", choices=("upstream", "gateway", *ROLES))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", default="")
+    parser.add_argument("--server", choices=SERVERS, default="uvicorn-httptools", help="for the gateway role")
     args = parser.parse_args()
-    run_upstream(args.port) if args.role == "upstream" else ROLES[args.role](args.port, args.upstream)
+    if args.role == "upstream":
+        run_upstream(args.port)
+    elif args.role == "gateway":
+        run_gateway(args.port, args.upstream, args.server)
+    else:
+        ROLES[args.role](args.port, args.upstream)

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from proxy.settings import SettingsError, add_arguments, load_settings
 
@@ -36,8 +35,7 @@ def _register_optional(commands: argparse._SubParsersAction) -> None:  # type: i
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from proxy import server
     from proxy.logs import configure_logging
 
     try:
@@ -46,12 +44,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"bpo serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_config": None, "access_log": False,
-               "timeout_graceful_shutdown": 30, "server_header": False}
     if settings.workers == 1:
         from proxy.app import create_app
 
-        uvicorn.run(create_app(settings, server_process=True), **options)
+        server.run(create_app(settings, server_process=True), settings)
         return 0
     # Several workers: each process builds its own app from the same settings, passed as BPO_* variables.
     from proxy.metrics import use_multiprocess_dir
@@ -59,7 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     export_environment(settings, os.environ)
     use_multiprocess_dir(os.environ)
-    uvicorn.run("proxy.app:create_app_from_environment", factory=True, workers=settings.workers, **options)
+    server.run("proxy.app:create_app_from_environment", settings, factory=True)
     return 0
 
 

@@ -68,6 +68,14 @@ class Settings:
     optimize_by_default: bool = _opt(True, "rewrite prompts when neither X-BPO nor an A/B split decides")
     max_prompt_chars: int = _opt(8000, "a user turn with more text (all parts) is forwarded unchanged (too-long)")
     max_body_bytes: int = _opt(10 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
+    max_header_bytes: int = _opt(64 * 1024, "largest request line plus headers accepted, in bytes (431 above)")
+    header_timeout: float = _opt(10.0, "seconds a client has to send a request's line and headers (408 past it)")
+    body_timeout: float = _opt(60.0, "seconds a client has to send a request's whole body once its headers are "
+                                     "in (408 past it); raise it for large uploads over slow links")
+    max_connections: int = _opt(1000, "open client connections per worker process; past it a new connection is "
+                                      "answered 503 and closed")
+    keep_alive_timeout: float = _opt(5.0, "seconds an idle keep-alive client connection stays open")
+    keep_alive_max_requests: int = _opt(1000, "requests served on one client connection before it is closed")
     cache: str = _opt("memory", "rewrite cache: memory | redis://HOST:PORT/DB | none")
     cache_ttl_seconds: int = _opt(7 * 24 * 3600, "how long a cached rewrite lives")
     cache_namespace: str = _opt("bpo", "key prefix, so deployments can share one Redis")
@@ -241,6 +249,12 @@ def validate(settings: Settings) -> None:
         (settings.upstream_timeout > 0, "upstream_timeout", "must be positive"),
         (settings.max_prompt_chars > 0, "max_prompt_chars", "must be positive"),
         (settings.max_body_bytes > 0, "max_body_bytes", "must be positive"),
+        (settings.max_header_bytes >= 1024, "max_header_bytes", "must be at least 1024"),
+        (settings.header_timeout > 0, "header_timeout", "must be positive"),
+        (settings.body_timeout > 0, "body_timeout", "must be positive"),
+        (settings.max_connections >= 1, "max_connections", "must be at least 1"),
+        (settings.keep_alive_timeout > 0, "keep_alive_timeout", "must be positive"),
+        (settings.keep_alive_max_requests >= 1, "keep_alive_max_requests", "must be at least 1"),
         (settings.optimizer_max_batch_size >= 1, "optimizer_max_batch_size", "must be at least 1"),
         (settings.workers >= 1, "workers", "must be at least 1"),
         (settings.optimizer_max_new_tokens >= 1, "optimizer_max_new_tokens", "must be at least 1"),

@@ -16,6 +16,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from proxy.app import create_app
+from proxy.server import uvicorn_options
 from proxy.settings import Settings, load_settings
 from tests.fakes.upstream import free_port
 
@@ -42,14 +43,14 @@ class _OnLoopback:
 
 
 class RunningProxy(_OnLoopback):
-    """``create_app(settings)`` served by uvicorn on a free port, on a thread of this process."""
+    """``create_app(settings)`` served on a free port, on a thread of this process, as ``bpo serve`` serves it."""
 
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.settings = settings
         self.app: Starlette = create_app(settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, **uvicorn_options(settings))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
