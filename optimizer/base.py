@@ -53,6 +53,9 @@ class OptimizerOptions:
     remote_model: str | None = None
     request_timeout: float = 30.0
     api_key: str | None = None
+    # A server (remote:) that cannot be reached is probed again and again while the gateway runs; a one-shot
+    # command (bpo rewrite) gives up at the first failure instead.
+    retry_unreachable: bool = True
     on_batch: Callable[[int], None] | None = field(default=None, compare=False)
 
 

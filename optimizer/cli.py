@@ -54,7 +54,7 @@ def run_rewrite(args: argparse.Namespace) -> int:
     options = OptimizerOptions(
         max_new_tokens=settings.optimizer_max_new_tokens, max_batch_size=1, max_wait_ms=0.0,
         seed=settings.optimizer_seed, device=settings.optimizer_device, remote_model=settings.optimizer_model,
-        request_timeout=args.timeout, api_key=settings.optimizer_api_key)
+        request_timeout=args.timeout, api_key=settings.optimizer_api_key, retry_unreachable=False)
     mode: Mode = "aggressive" if settings.mode == "aggressive" else "stable"
     try:
         rewrite = asyncio.run(asyncio.wait_for(rewrite_once(settings.optimizer, options, text, mode), args.timeout))
@@ -78,8 +78,10 @@ async def rewrite_once(spec: str, options: OptimizerOptions, text: str, mode: Mo
     try:
         await optimizer.start()
         status = await _settled(optimizer)
+        if status.state == "disabled":
+            raise OptimizerError("--optimizer none rewrites nothing: name an optimizer (--optimizer SPEC)")
         if status.state != "ready":
-            raise OptimizerError(f"optimizer {status.optimizer} is {status.state}: {status.detail}")
+            raise OptimizerError(f"the optimizer {spec} is not available: {status.detail}")
         return await optimizer.optimize(text, mode)
     finally:
         await optimizer.close()

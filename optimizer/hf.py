@@ -84,20 +84,17 @@ def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
         raise ModelLoadError(f"hf:{target} needs torch and transformers ({exc.name} is missing): "
                              f"{INSTALL_HINT}") from exc
     device = options.device or "?"
+    source = _local_or_hub(target)
     try:
         device = pick_device(options.device)
         dtype = pick_dtype(device)
-        source = _local_or_hub(target)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         model: Any = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         model = model.to(device).eval()
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(_out_of_memory(target, device, exc)) from exc
     except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load hf:{target}: {_first_line(exc)}. Point --optimizer hf: at a local model directory, "
-            "or make the Hugging Face hub reachable (HF_TOKEN for gated models; HF_HUB_OFFLINE=1 to use the "
-            "local cache only)") from exc
+        raise ModelLoadError(f"cannot load hf:{target}: {_first_line(exc)}. {_hub_hint(target)}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         if "out of memory" in str(exc).lower():
             raise ModelLoadError(_out_of_memory(target, device, exc)) from exc
@@ -106,9 +103,25 @@ def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
 
 
 def _local_or_hub(target: str) -> str:
-    """``~/models/bpo`` is a directory; anything that is not an existing path is a hub id."""
+    """``~/models/bpo`` is a directory; a hub id is ``NAME`` or ``ORG/NAME``; any other path must exist."""
     expanded = os.path.expanduser(target)
-    return expanded if os.path.isdir(expanded) else target
+    if os.path.isdir(expanded):
+        return expanded
+    if target.startswith(("/", ".", "~")) or "\\" in target or target.count("/") > 1:
+        raise ModelLoadError(f"cannot load hf:{target}: no such directory (a hub id is ORG/NAME)")
+    return target
+
+
+def _hub_hint(target: str) -> str:
+    """What to do when a hub id could not be read; true to whether the hub was asked at all."""
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        return (f"HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so only the local cache was read: download "
+                f"the model once with the hub reachable (hf download {target}), or point --optimizer hf: at a "
+                "local model directory")
+    return ("Point --optimizer hf: at a local model directory, or make the Hugging Face hub reachable (HF_TOKEN "
+            "for gated models; HF_HUB_OFFLINE=1 reads the local cache only, without retrying the hub)")
 
 
 def _out_of_memory(target: str, device: str, exc: BaseException) -> str:
@@ -288,6 +301,7 @@ class HFOptimizer:
         log.info("optimizer %s ready on %s", self._identity, loaded.device)
 
     def _fail(self, detail: str) -> None:
+        self._identity = f"hf:{self.target}@failed"  # not "pending": nothing is on its way
         self._state, self._detail = "failed", detail
         log.warning("optimizer hf:%s failed to load: %s", self.target, detail)
 

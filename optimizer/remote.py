@@ -200,8 +200,13 @@ class RemoteOptimizer:
     def _mark_unreachable(self, exc: Exception) -> None:
         if self._state == "ready":
             log.warning("remote optimizer %s became unreachable: %s", self.base_url, exc)
-            self._state, self._detail = "failed", f"{self.base_url} unreachable: {exc}; retrying"
+            self._set_failed(f"{self.base_url} unreachable: {exc}; retrying")
             self._start_probe()
+
+    def _set_failed(self, detail: str) -> None:
+        if self._identity.endswith("@pending"):  # never reached: say so, rather than "on its way"
+            self._identity = self._identity.removesuffix("@pending") + "@failed"
+        self._state, self._detail = "failed", detail
 
     def _start_probe(self) -> None:
         if self._probe is None or self._probe.done():
@@ -216,12 +221,16 @@ class RemoteOptimizer:
                 await self._discover()
                 return
             except OptimizerError as exc:
+                if not self.options.retry_unreachable:
+                    self._set_failed(str(exc))
+                    return
                 # Keep "loading" through the grace period, so a server that starts with us is not reported down.
-                state: State = "loading" if self._state == "loading" and loop.time() < give_up_loading_at \
-                    else "failed"
-                if state == "failed" and self._state != "failed":
-                    log.warning("remote optimizer not available, passing prompts through: %s", exc)
-                self._state, self._detail = state, f"{exc}; retrying in {delay:g} s"
+                if self._state == "loading" and loop.time() < give_up_loading_at:
+                    self._detail = f"{exc}; retrying in {delay:g} s"
+                else:
+                    if self._state != "failed":
+                        log.warning("remote optimizer not available, passing prompts through: %s", exc)
+                    self._set_failed(f"{exc}; retrying in {delay:g} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, PROBE_MAX_SECONDS)
 

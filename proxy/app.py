@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from optimizer.base import Optimizer, OptimizerOptions
 from optimizer.cache import build_cache
@@ -132,6 +133,9 @@ class Gateway(Starlette):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await super().__call__(scope, receive, _brief_startup_failure(send))
+            return
         if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CHAT_COMPLETIONS
                 and not scope.get("root_path")):
             scope["app"] = self
@@ -155,12 +159,25 @@ def create_app_from_environment() -> Starlette:
     return create_app(settings, server_process=True)
 
 
+def _brief_startup_failure(send: Send) -> Send:
+    """Starlette reports a failed start-up as a whole traceback, which the server logs as one message; a
+    :class:`StartupError` already says all there is to say, so the server logs that one line instead."""
+
+    async def send_brief(message: Message) -> None:
+        error = sys.exc_info()[1]  # Starlette sends the failure while it handles the exception
+        if message["type"] == "lifespan.startup.failed" and isinstance(error, StartupError):
+            message = {**message, "message": str(error)}
+        await send(message)
+
+    return send_brief
+
+
 async def _require(optimizer: Optimizer) -> None:
     await wait_until_loaded(optimizer)
     status = optimizer.status()
     if status.state != "ready":
-        log.error("--require-optimizer: optimizer %s is %s: %s", status.optimizer, status.state, status.detail)
-        raise StartupError(f"--require-optimizer: optimizer {status.optimizer} is {status.state}: {status.detail}")
+        raise StartupError(f"--require-optimizer: the optimizer did not load, so the gateway does not start: "
+                           f"{status.detail}")
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from tests.fakes.upstream import FakeUpstream
+from tests.fakes.upstream import FakeUpstream, free_port
 
 
 def test_rewrite_prints_the_remote_optimizers_rewrite(
@@ -70,7 +70,14 @@ def test_unloadable_optimizer_exits_1_with_the_reason(tmp_path: Path, capsys: py
     assert main(["rewrite", "--optimizer", f"hf:{broken}", "hi"]) == 1
     assert "cannot load hf:" in capsys.readouterr().err
     assert main(["rewrite", "--optimizer", "none", "hi"]) == 1
-    assert "none@0 is disabled" in capsys.readouterr().err
+    assert "--optimizer none rewrites nothing" in capsys.readouterr().err
+
+
+def test_unreachable_remote_optimizer_fails_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rewrite", "--optimizer", f"remote:http://127.0.0.1:{free_port()}/v1", "hi"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("bpo rewrite: the optimizer remote:http://127.0.0.1:") and "unreachable" in error
+    assert "retrying" not in error  # a one-shot command does not wait out the gateway's probing schedule
 
 
 def test_bad_spec_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

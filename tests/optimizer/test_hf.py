@@ -241,9 +241,30 @@ async def test_unloadable_model_fails_with_a_clear_message(tmp_path: Path) -> No
     status = await optimizer.wait_loaded()
     assert status.state == "failed"
     assert status.detail.startswith(f"cannot load hf:{broken}")
+    assert status.optimizer == optimizer.identity == f"hf:{broken}@failed"  # not "pending" once it failed
     with pytest.raises(OptimizerUnavailable, match="cannot load"):
         await optimizer.optimize("hi", "stable")
     await optimizer.close()
+
+
+async def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
+    optimizer = HFOptimizer(str(tmp_path / "no" / "such-model"), OPTIONS)
+    await optimizer.start()
+    status = await optimizer.wait_loaded()
+    assert status.state == "failed" and "no such directory" in status.detail
+    assert "hub" not in status.detail.split("(")[0]  # not a hub failure: nothing was asked of the hub
+
+
+async def test_hub_hint_is_true_when_the_hub_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the library's switch: no network is touched
+    optimizer = HFOptimizer("bpo-tests/not-in-the-cache", OPTIONS)
+    await optimizer.start()
+    status = await optimizer.wait_loaded()
+    assert status.state == "failed"
+    assert "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set" in status.detail
+    assert "HF_HUB_OFFLINE=1" not in status.detail  # never advise what is already done
 
 
 async def test_missing_torch_or_transformers_says_how_to_install(monkeypatch: pytest.MonkeyPatch,

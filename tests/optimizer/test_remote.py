@@ -21,10 +21,7 @@ OPTIONS = OptimizerOptions(max_new_tokens=128, remote_model="bpo-fake", request_
 async def started(base_url: str, options: OptimizerOptions = OPTIONS, **kwargs: float) -> RemoteOptimizer:
     optimizer = RemoteOptimizer(base_url, options, **kwargs)
     await optimizer.start()
-    for _ in range(200):
-        if optimizer.status().state != "loading":
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: optimizer.status().state != "loading")
     return optimizer
 
 
@@ -43,10 +40,11 @@ def serve_models(upstream: FakeUpstream, *cards: dict[str, object]) -> None:
     upstream.responders["/v1/models"] = lambda r: Reply(json={"object": "list", "data": list(cards)})
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(250):
-        if condition():
-            return
+async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Yield to the loop until ``condition`` holds (an ordering aid, not a timing assertion)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
         await asyncio.sleep(0.02)
 
 
@@ -197,20 +195,27 @@ async def test_unreachable_server_is_unavailable_then_recovers_when_it_comes_up(
     late = None
     try:
         assert optimizer.status().state == "failed"
-        assert "127.0.0.1" in optimizer.status().detail
+        assert "127.0.0.1" in optimizer.status().detail and "retrying" in optimizer.status().detail
+        assert optimizer.identity == optimizer.status().optimizer == "remote:bpo-fake@failed"  # not "pending"
         with pytest.raises(OptimizerUnavailable):
             await optimizer.optimize("hi", "stable")
         late = FakeUpstream(port=port).start()
-        for _ in range(300):
-            if optimizer.status().state == "ready":
-                break
-            await asyncio.sleep(0.02)
-        assert optimizer.status().state == "ready"
+        await until(lambda: optimizer.status().state == "ready")
         assert (await optimizer.optimize("hi", "stable")).text.startswith("hi ")
     finally:
         await optimizer.close()
         if late is not None:
             late.stop()
+
+
+async def test_one_shot_use_gives_up_at_the_first_unreachable_probe() -> None:
+    optimizer = await started(f"http://127.0.0.1:{free_port()}/v1", replace(OPTIONS, retry_unreachable=False))
+    try:
+        status = optimizer.status()
+        assert status.state == "failed" and "unreachable" in status.detail
+        assert "retrying" not in status.detail  # nothing retries: bpo rewrite says so and exits
+    finally:
+        await optimizer.close()
 
 
 async def test_server_that_rejects_extras_gets_plain_openai_fields(upstream: FakeUpstream) -> None:
