@@ -89,7 +89,7 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
         state.optimizer = ReloadableOptimizer(settings.optimizer, optimizer_options(settings, metrics))
         state.cache = build_cache(settings, metrics.cache_event)
         state.events = build_sink(settings, metrics)
-        state.http = HttpForwarder(settings.upstream_timeout)
+        state.http = HttpForwarder(settings.upstream_timeout, on_broken_stream=metrics.broken_stream)
         state.recent_requests = RecentRequests()
         pipeline = RewritePipeline(
             state.optimizer, state.cache, timeout=settings.optimizer_timeout,

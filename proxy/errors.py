@@ -65,6 +65,14 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
+class UpstreamStreamBroken(ProxyError):
+    """A stream that started well and then broke: sent in-band (``error_event``), the status already gone."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_stream_broken"
+
+
 class UpstreamError(ProxyError):
     """An error answered by a provider behind the litellm path; keeps the provider's status."""
 
@@ -77,6 +85,17 @@ class UpstreamError(ProxyError):
 
 def error_body(status: int, message: str, type_: str, param: str | None, code: str | None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def error_event(error: ProxyError) -> bytes:
+    """An SSE event that ends a stream the provider broke off: the official SDKs raise on it.
+
+    openai's raise ``APIError`` on any event whose data holds ``error``; anthropic's on ``event: error``
+    (its data carries ``"type": "error"``). A clean end after it is safe: no client takes it for an answer.
+    """
+    payload = {"type": "error", "error": {"message": error.message, "type": error.type, "param": error.param,
+                                          "code": error.code}}
+    return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,7 +17,14 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 from yarl import URL
 
-from proxy.errors import InvalidRequest, NotFound, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    InvalidRequest,
+    NotFound,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_event,
+)
 from proxy.settings import Settings
 
 log = logging.getLogger("bpo.forward")
@@ -32,6 +40,8 @@ USAGE_TAIL_BYTES = 8192
 # RFC 3986's path characters: unreserved, sub-delims, ":", "@", "/" and well-formed percent escapes.
 _PATH_CHARACTERS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 _SEPARATORS = re.compile(r"[/\\]")
+# Where an SSE event can end: a line ending (LF, CRLF or CR) followed by an empty line.
+_EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n", b"\r\n\n", b"\r\r\n")
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,12 @@ def extract_usage(payload: bytes) -> dict[str, Any] | None:
     return None
 
 
+def split_at_event_end(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` up to the end of its last whole SSE event, and what follows it (an event still arriving)."""
+    end = max((data.rfind(mark) + len(mark) for mark in _EVENT_ENDS if mark in data), default=0)
+    return data[:end], data[end:]
+
+
 def _usage_of(data: bytes) -> dict[str, Any] | None:
     try:
         usage = orjson.loads(data).get("usage")
@@ -204,13 +220,20 @@ def _usage_of(data: bytes) -> dict[str, Any] | None:
 
 
 class HttpForwarder:
-    """One pooled aiohttp session; responses and SSE streams go back byte for byte."""
+    """One pooled aiohttp session; responses and SSE streams go back byte for byte.
 
-    def __init__(self, timeout: float) -> None:
+    ``on_broken_stream(reason)`` hears of every stream the upstream broke off after it began: ``cut`` (the
+    connection broke) or ``idle`` (silent past the timeout). The client gets an SSE error event instead of
+    a clean end that would pass truncated text off as the whole answer.
+    """
+
+    def __init__(self, timeout: float, on_broken_stream: Callable[[str], None] | None = None) -> None:
         # A whole-request deadline for plain answers (one timer per request); for streams an idle deadline
         # between chunks instead, so a long generation may run as long as tokens keep coming.
+        self.timeout = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
         self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout)
+        self._on_broken_stream = on_broken_stream
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -226,16 +249,17 @@ class HttpForwarder:
                       exchange: Exchange, extra_headers: Mapping[str, str],
                       on_done: Callable[[Exchange], None] | None = None,
                       params: Mapping[str, str] | None = None, stream: bool = False) -> Response:
-        """Send, then relay: a full body, or an SSE stream whose chunks are never re-cut."""
+        """Send, then relay: a full body, or an SSE stream chunk by chunk, cut only where events end."""
         assert self._session is not None, "HttpForwarder.start() was not awaited"
         started = time.perf_counter()
         try:
             upstream = await self._session.request(method, url, headers=headers, data=body, params=params,
                                                    timeout=self._stream_timeout if stream else self._timeout)
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"The upstream did not answer in time: {url}") from exc
+            raise self._timed_out() from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(f"The upstream could not be reached: {exc}") from exc
+            log.warning("upstream unreachable: %s", exc)
+            raise UpstreamUnreachable("The upstream could not be reached.") from exc
         exchange.status = upstream.status
         response_headers = downstream_headers(upstream.raw_headers, extra_headers)
         if upstream.content_type == "text/event-stream":
@@ -243,33 +267,72 @@ class HttpForwarder:
             relay = StreamingResponse(self._relay(upstream, exchange, on_done), status_code=upstream.status)
             relay.raw_headers = response_headers
             return relay
-        try:
-            payload = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamUnreachable(f"The upstream broke off its response: {exc}") from exc
-        finally:
-            upstream.release()
+        payload = await self._read(upstream, started if stream else None)
         exchange.upstream_seconds = time.perf_counter() - started
         exchange.usage = extract_usage(payload) if upstream.status < 400 else None
         if on_done is not None:
             on_done(exchange)
         return RelayedResponse(payload, upstream.status, response_headers)
 
+    async def _read(self, upstream: aiohttp.ClientResponse, stream_started: float | None) -> bytes:
+        """A plain answer's body, within the whole-request deadline.
+
+        A streaming request that got a plain answer was sent with the idle deadline only: its deadline is
+        kept here, so a body trickled in byte by byte cannot outlast it.
+        """
+        try:
+            if stream_started is None:
+                return await upstream.read()
+            async with asyncio.timeout(max(0.0, stream_started + self.timeout - time.perf_counter())):
+                return await upstream.read()
+        except TimeoutError as exc:
+            raise self._timed_out() from exc
+        except aiohttp.ClientError as exc:
+            log.warning("upstream broke off its answer: %s", exc)
+            raise UpstreamUnreachable("The upstream broke off its answer.") from exc
+        finally:
+            upstream.release()
+
+    def _timed_out(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"The upstream did not answer within {self.timeout:g} s (--upstream-timeout).")
+
     async def _relay(self, upstream: aiohttp.ClientResponse, exchange: Exchange,
                      on_done: Callable[[Exchange], None] | None) -> AsyncIterator[bytes]:
-        tail = b""
+        """The stream's chunks as they come, each cut only where an SSE event ends.
+
+        A chunk that ends inside an event (rare: the provider writes whole events) waits for the event's
+        end, so that when the stream breaks the client gets whole events and then the error event, never
+        half an event glued to it.
+        """
+        tail = held = b""
         finished = False
         try:
             async for chunk in upstream.content.iter_any():
                 tail = (tail + chunk)[-USAGE_TAIL_BYTES:]
-                yield chunk
+                if held or not chunk.endswith(_EVENT_ENDS):
+                    chunk, held = split_at_event_end(held + chunk)
+                if chunk:
+                    yield chunk
             finished = True
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            exchange.error = f"upstream stream broke: {exc}"
-            log.warning("upstream stream broke off: %s", exc)
+            if held:  # the provider's last bytes, as they came: its stream ended on its own terms
+                yield held
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            yield self._broken(exc, exchange)
         finally:
             # A client that went away must cancel the upstream generation: close the connection.
             upstream.release() if finished else upstream.close()
             exchange.usage = extract_usage(tail)
             if on_done is not None:
                 on_done(exchange)
+
+    def _broken(self, exc: Exception, exchange: Exchange) -> bytes:
+        idle = isinstance(exc, TimeoutError)
+        reason = "idle" if idle else "cut"
+        error = UpstreamStreamBroken(
+            f"The upstream sent nothing for {self.timeout:g} s (--upstream-timeout); the answer is incomplete."
+            if idle else "The upstream broke off the stream; the answer is incomplete.")
+        exchange.error = error.message
+        log.warning("upstream stream broken (%s): %s", reason, exc)
+        if self._on_broken_stream is not None:
+            self._on_broken_stream(reason)
+        return error_event(error)

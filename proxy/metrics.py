@@ -191,6 +191,10 @@ class Metrics:
         self.feedback = Counter("bpo_feedback_total", "Feedback records received", ["arm"], registry=r)
         self.fail_open = Counter("bpo_fail_open_total", "Faults swallowed so the request could go on",
                                  ["component"], registry=r)
+        self.upstream_stream_errors = Counter(
+            "bpo_upstream_stream_errors_total",
+            "Streams the upstream broke off after they began (cut, idle, error); the client got an error event",
+            ["reason"], registry=r)
         self.shadow_verdicts = Counter("bpo_shadow_verdicts_total", "Shadow judge verdicts for treatment",
                                        ["verdict"], registry=r)
         self.shadow_skipped = Counter("bpo_shadow_skipped_total",
@@ -208,6 +212,10 @@ class Metrics:
     def cache_event(self, result: str) -> None:
         """One rewrite cache lookup: hit, miss, error, ..."""
         self.per_request.cache_event(result)
+
+    def broken_stream(self, reason: str) -> None:
+        """A stream the upstream broke off after it began: ``cut``, ``idle`` or ``error`` (in-band)."""
+        self.upstream_stream_errors.labels(reason=reason).inc()
 
     def exposition(self) -> bytes:
         """The text exposition; merges worker processes when PROMETHEUS_MULTIPROC_DIR is set."""

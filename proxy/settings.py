@@ -53,7 +53,8 @@ class Settings:
     upstream_api_key: str | None = _opt(
         None, "key sent upstream instead of the client's Authorization (default: forward the client's)"
     )
-    upstream_timeout: float = _opt(600.0, "seconds to wait for the upstream before answering 504")
+    upstream_timeout: float = _opt(600.0, "seconds: the deadline of a plain answer (else 504), and the longest "
+                                       "silence inside a stream (else it ends with an error event)")
     optimizer: str = _opt("hf:THUDM/BPO", "optimizer spec: none | hf:PATH_OR_HUB_ID | remote:BASE_URL | llm:MODEL")
     optimizer_timeout: float = _opt(3.0, "deadline in seconds for one rewrite; past it the original is sent")
     optimizer_max_new_tokens: int = _opt(256, "longest rewrite, in tokens")
