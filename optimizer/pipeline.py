@@ -60,15 +60,17 @@ class RewritePipeline:
             value, hit = await asyncio.wait_for(
                 self.cache.get_or_compute(key, lambda: self._compute(text, mode)), self.timeout)
         except TimeoutError:
+            # "miss": the computation goes on (shielded) and its rewrite lands in the cache for the next request.
             return self._fail_open(text, TIMEOUT, cache_state, optimizer, "optimizer")
+        # Failures are not cached, so the cache took no part: "off", not a "miss" that promises a later hit.
         except OptimizerUnavailable:
-            return Outcome(text, False, OPTIMIZER_UNAVAILABLE, cache_state, optimizer)
+            return Outcome(text, False, OPTIMIZER_UNAVAILABLE, "off", optimizer)
         except OptimizerError as exc:
             log.warning("optimizer failed: %s", exc)
-            return self._fail_open(text, OPTIMIZER_ERROR, cache_state, optimizer, "optimizer")
+            return self._fail_open(text, OPTIMIZER_ERROR, "off", optimizer, "optimizer")
         except Exception:  # fail open: a fault in the optimizer or cache never fails the request
             log.exception("rewrite failed; forwarding the original prompt")
-            return self._fail_open(text, OPTIMIZER_ERROR, cache_state, optimizer, "optimizer")
+            return self._fail_open(text, OPTIMIZER_ERROR, "off", optimizer, "optimizer")
         if self.cache.enabled:
             cache_state = "hit" if hit else "miss"
         return self._verdict(text, value, cache_state)

@@ -187,6 +187,7 @@ def test_broken_optimizer_fails_open(upstream: FakeUpstream, start_proxy: StartP
         model="fake-model", messages=[{"role": "user", "content": "Write a limerick"}])
     assert raw.headers["x-bpo-applied"] == "false"
     assert raw.headers["x-bpo-reason"] == "optimizer-error"
+    assert raw.headers["x-bpo-cache"] == "off"  # a failure is not cached: no "miss" that promises a hit
     assert raw.parse().choices[0].message.content == "echo: Write a limerick"
     metrics = httpx.get(proxy.url + "/metrics").text
     assert 'bpo_fail_open_total{component="optimizer"} 1.0' in metrics
@@ -203,6 +204,8 @@ def test_unreachable_optimizer_fails_open_and_readyz_says_loading(upstream: Fake
         model="fake-model", messages=[{"role": "user", "content": "Sing"}])
     assert raw.headers["x-bpo-applied"] == "false"
     assert raw.headers["x-bpo-reason"] == "optimizer-unavailable"
+    assert raw.headers["x-bpo-cache"] == "off"
+    assert raw.headers["x-bpo-optimizer"] == "remote:http://127.0.0.1:9/v1@pending"  # still probing
     assert upstream.requests_to("/v1/chat/completions")[-1].json["messages"][0]["content"] == "Sing"
 
 
