@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from proxy.report import COMPARED_ARMS, VERDICTS, Report
 from proxy.stats import Interval
+
+PIPED_WIDTH = 1000  # columns when stdout is not a terminal: wider than any table, so nothing is cut
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -27,7 +30,8 @@ def _ci(interval: Interval | None, percent: bool = False, digits: int = 2) -> st
 def print_tables(report: Report, console: Any = None) -> None:
     from rich.console import Console
 
-    console = console or Console()
+    # Piped or redirected output has no screen to fit: rich would assume 80 columns and cut every cell to fit.
+    console = console or Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
     title = f"A/B report: {report.source}"
     if report.experiments:
         title += f"  (experiments: {', '.join(report.experiments)})"
@@ -46,9 +50,10 @@ def _requests_table(report: Report) -> Any:
     from rich.table import Table
 
     table = Table(title="Requests by arm (override = X-BPO decided, kept out of the comparison)")
-    for column in ("arm", "requests", "errors", "applied", "not applied", "latency ms\np50 / p95",
+    _add_arm_column(table)
+    for column in ("requests", "errors", "applied", "not applied", "latency ms\np50 / p95",
                    "overhead ms\np50 / p95", "tokens\nin / out", "tokens\n/ request"):
-        table.add_column(column, justify="left" if column in ("arm", "not applied") else "right")
+        table.add_column(column, justify="left" if column == "not applied" else "right")
     for arm in report.arms:
         reasons = "\n".join(f"{reason} {count}" for reason, count in arm.reasons.items()) or "-"
         table.add_row(arm.arm, str(arm.requests), str(arm.errors), _pct(arm.applied_rate), reasons,
@@ -62,13 +67,19 @@ def _feedback_table(report: Report) -> Any:
     from rich.table import Table
 
     table = Table(title=f"Feedback ({report.feedback_scale} scores, last score per request)")
-    for column in ("arm", "count", "mean", "95% CI"):
-        table.add_column(column, justify="left" if column == "arm" else "right")
+    _add_arm_column(table)
+    for column in ("count", "mean", "95% CI"):
+        table.add_column(column, justify="right")
     for arm in report.arms:
         if arm.feedback.count:
             table.add_row(arm.arm, str(arm.feedback.count), _num(arm.feedback.mean, 3),
                           _ci(arm.feedback.interval, digits=3))
     return table
+
+
+def _add_arm_column(table: Any) -> None:
+    """Arm names stay whole: on a narrow terminal a long one folds onto more lines instead of being cut."""
+    table.add_column("arm", justify="left", overflow="fold")
 
 
 def _comparison_line(report: Report) -> str:

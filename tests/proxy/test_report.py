@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from proxy import stats
 from proxy.cli import main
 from proxy.report import load_events, summarize
+from tests.fakes.proxy_server import REPO
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "events"
 BINARY = FIXTURES / "binary_feedback.jsonl"
@@ -162,3 +166,35 @@ def test_zero_variance_samples_do_not_divide_by_zero() -> None:
     assert apart is not None and apart.p_value == 0.0 and math.isinf(apart.statistic)
     assert stats.two_proportion_z_test(3, 3, 2, 2) is not None
     assert stats.welch_t_test([1.0], [2.0, 3.0]) is None and stats.mean_interval([1.0]) is None
+
+
+LONG_ARMS = ("treatment-with-a-very-long-experiment-arm-name-v2", "control-baseline-arm-of-the-long-experiment")
+
+
+def write_requests(path: Path, arms: tuple[str, ...], per_arm: int) -> Path:
+    with path.open("w") as events:
+        for index in range(per_arm * len(arms)):
+            events.write(json.dumps({"type": "request", "request_id": f"r{index}", "arm": arms[index % len(arms)],
+                                     "applied": True, "status": 200, "latency_ms": 10, "overhead_ms": 1}) + "\n")
+    return path
+
+
+def test_piped_tables_keep_whole_arm_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = write_requests(tmp_path / "events.jsonl", LONG_ARMS, 3)
+    assert main(["ab", "report", "--events", f"jsonl:{events}"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "-arm" in line]
+    assert len(rows) == 2 and all(any(name in row for name in LONG_ARMS) for row in rows)
+    assert "…" not in "".join(rows)  # no figure cut to fit an assumed 80-column screen
+
+
+def test_a_reader_that_leaves_early_ends_the_report_quietly(tmp_path: Path) -> None:
+    events = write_requests(tmp_path / "events.jsonl", tuple(f"arm-{i}" for i in range(2000)), 1)
+    command = [sys.executable, "-m", "proxy", "ab", "report", "--events", f"jsonl:{events}", "--format", "json"]
+    # `| head -c 0`: the reading end is closed before the report is written (the process is still importing).
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
