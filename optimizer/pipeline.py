@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,16 @@ TOO_LONG, TIMEOUT, OPTIMIZER_ERROR, OPTIMIZER_UNAVAILABLE = (
     "too-long", "timeout", "optimizer-error", "optimizer-unavailable")
 GUARD_REJECTED: Final = "guard-rejected"
 UNCHANGED: Final = "unchanged"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON readers pair valid escapes: what is left is lone
+
+
+def well_formed(text: str) -> str:
+    """``text`` with each lone surrogate as U+FFFD.
+
+    A client's JSON may escape half a surrogate pair (``"\\ud800"``): valid JSON, but no character, and no
+    UTF-8 encoder (cache key, Redis, tokenizer, logs, headers) takes it. The optimizer sees the replacement.
+    """
+    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
 
 
 @dataclass(slots=True)  # not frozen: built on every request, and a frozen dataclass costs 4x to build
@@ -51,6 +62,7 @@ class RewritePipeline:
         optimizer = self.optimizer.identity
         if len(text) > self.max_chars:
             return Outcome(text, False, TOO_LONG, "off", optimizer)
+        text = well_formed(text)
         cache_state: CacheResult = "miss" if self.cache.enabled else "off"
         key = cache_key(optimizer, mode, text, tenant)
         cached = self.cache.peek(key)
@@ -90,7 +102,7 @@ class RewritePipeline:
         rewrite = await self.optimizer.optimize(text, mode)
         # The backend from the identity of the call, so a hot reload to another backend is labelled right.
         self._on_seconds(rewrite.optimizer.partition(":")[0], time.perf_counter() - started)
-        candidate = rewrite.text.strip()
+        candidate = well_formed(rewrite.text).strip()
         if not candidate or candidate == text.strip():
             return CachedRewrite("", UNCHANGED, rewrite.optimizer, time.time())
         verdict = check_rewrite(text, candidate)

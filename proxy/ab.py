@@ -49,7 +49,8 @@ class ArmDecision:
 
 def bucket(salt: str, sticky_key: str) -> float:
     """Where a key falls in [0, 100); treatment is ``bucket < percent``, so ramps only add users."""
-    digest = hashlib.sha256(f"{salt}\x00{sticky_key}".encode()).digest()
+    # surrogatepass: a client's ``user`` may hold a lone surrogate escape; other keys encode as plain UTF-8.
+    digest = hashlib.sha256(f"{salt}\x00{sticky_key}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / _BUCKETS * 100.0
 
 

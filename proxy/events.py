@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
+from proxy.logs import encode_record
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 
@@ -58,7 +59,7 @@ class NullSink:
 
 def encode_event(event: dict[str, Any]) -> bytes:
     # default=str: a stray datetime or Decimal in an event must not lose the whole record.
-    return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS)
+    return encode_record(event, orjson.OPT_NON_STR_KEYS)
 
 
 class BufferedSink(abc.ABC):

@@ -25,6 +25,7 @@ from proxy.errors import (
     UpstreamUnreachable,
     error_event,
 )
+from proxy.protocol import dumps_iteratively
 from proxy.settings import Settings
 
 log = logging.getLogger("bpo.forward")
@@ -110,6 +111,12 @@ def encode_body(body: Mapping[str, Any], orjson_safe: bool = False) -> bytes:
         return json.dumps(body, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # a lone surrogate escape the client sent: keep it escaped
         return json.dumps(body).encode()
+    except RecursionError:  # nested deeper than the stack left allows (orjson reads up to 1024 levels)
+        text = dumps_iteratively(body)
+        try:
+            return text.encode()
+        except UnicodeEncodeError:
+            return dumps_iteratively(body, ensure_ascii=True).encode()
 
 
 def chat_url(target: Target) -> tuple[str, dict[str, str] | None]:

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import time
 from typing import IO, Any
 
 import orjson
+
+
+def encode_record(value: Any, option: int = 0) -> bytes:
+    """JSON for a log line or an event: orjson, and the standard library for what orjson refuses.
+
+    Records carry client input (a model name, a feedback comment); a lone surrogate escape in it (valid JSON,
+    no UTF-8) or an integer past 64 bits is written escaped rather than losing the record or the request.
+    """
+    try:
+        return orjson.dumps(value, default=str, option=option)
+    except TypeError:
+        line = json.dumps(value, default=str, separators=(",", ":")).encode()
+        return line + b"\n" if option & orjson.OPT_APPEND_NEWLINE else line
+
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
@@ -25,7 +40,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return encode_record(entry).decode()
 
 
 def configure_logging(level: str) -> None:
@@ -73,7 +88,7 @@ class AccessLog:
 
     def record(self, fields: dict[str, Any]) -> None:
         """One line: the fixed head (time, level, logger, message), then ``fields``; one encode, no merge."""
-        tail = orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        tail = encode_record(fields, orjson.OPT_APPEND_NEWLINE)
         line = b"".join((b'{"time":"', utc_timestamp(time.time()).encode(), _ACCESS_HEAD,
                          b"," + tail[1:] if fields else b"}\n"))
         self._lines.append(line)

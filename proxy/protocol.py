@@ -38,7 +38,10 @@ class ChatRequest:
     def exact_body(self) -> dict[str, Any]:
         """The body exactly as the standard library reads it: integers past 64 bits stay integers."""
         if self.read_by_orjson and _LONG_DIGIT_RUN in self.raw.translate(_DIGITS_ONLY):
-            exact: dict[str, Any] = json.loads(self.raw)
+            try:
+                exact: dict[str, Any] = json.loads(self.raw)
+            except RecursionError as exc:  # orjson reads 1024 levels; the standard library fewer
+                raise InvalidRequest("The request body nests JSON too deeply.", code="invalid_json") from exc
             return exact
         return self.body
 
@@ -66,6 +69,40 @@ async def read_body_from(receive: Receive, declared: str | None, limit: int) -> 
             raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Token(str):
+    """Punctuation already written as JSON, on ``dumps_iteratively``'s stack among the values to write."""
+
+
+def dumps_iteratively(value: Any, ensure_ascii: bool = False) -> str:
+    """``json.dumps(value)`` (compact) without recursion, for bodies nested deeper than the stack allows.
+
+    orjson reads up to 1024 levels; both writers give up sooner (orjson at 255, the standard library near the
+    interpreter's recursion limit less the frames in use). One pass, linear in the output.
+    """
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Token):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append("{")
+            stack.append(_Token("}"))
+            for index, (key, member) in reversed(list(enumerate(item.items()))):
+                stack.append(member)
+                stack.append(_Token(("," if index else "") + json.dumps(key, ensure_ascii=ensure_ascii) + ":"))
+        elif isinstance(item, list):
+            out.append("[")
+            stack.append(_Token("]"))
+            for index in range(len(item) - 1, -1, -1):
+                stack.append(item[index])
+                if index:
+                    stack.append(_Token(","))
+        else:
+            out.append(json.dumps(item, ensure_ascii=ensure_ascii))
+    return "".join(out)
 
 
 def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:

@@ -199,7 +199,11 @@ class FakeUpstream:
                                      media_type=reply.media_type, headers=reply.headers)
         if reply.raw is not None:
             return Response(reply.raw, status_code=reply.status, headers=reply.headers)
-        return JSONResponse(reply.json, status_code=reply.status, headers=reply.headers)
+        try:
+            return JSONResponse(reply.json, status_code=reply.status, headers=reply.headers)
+        except UnicodeEncodeError:  # echoing a lone surrogate escape a client sent: keep it escaped, as a provider does
+            return Response(json.dumps(reply.json, separators=(",", ":")), status_code=reply.status,
+                            headers=reply.headers, media_type="application/json")
 
     async def _stream(self, reply: Reply) -> Any:
         try:

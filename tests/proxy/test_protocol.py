@@ -7,7 +7,7 @@ import json
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.protocol import parse_chat_request
+from proxy.protocol import dumps_iteratively, parse_chat_request
 
 MESSAGES = '"messages": [{"role": "user", "content": "hi"}]'
 
@@ -51,3 +51,19 @@ def test_utf16_json_is_read_as_json_allows() -> None:
 def test_what_neither_reads_is_a_400(body: bytes) -> None:
     with pytest.raises(InvalidRequest):
         parse_chat_request(body, "application/json")
+
+
+@pytest.mark.parametrize("value", [{}, [], {"a": [1, 2.5, {"b": None}], "c": "é\ud800", "d": float("nan"),
+                                             "e": 10**30, "f": True, "": [[], {}]}])
+def test_dumps_iteratively_writes_what_json_dumps_writes(value: object) -> None:
+    assert dumps_iteratively(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert dumps_iteratively(value, ensure_ascii=True) == json.dumps(value, separators=(",", ":"))
+
+
+def test_dumps_iteratively_writes_nesting_no_recursive_writer_takes() -> None:
+    deep: list[object] = []
+    inner = deep
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]  # type: ignore[assignment]
+    assert dumps_iteratively({"x": deep}) == '{"x":' + "[" * 5001 + "]" * 5001 + "}"
