@@ -101,9 +101,16 @@ class ArmAssigner:
     def split_configured(self) -> bool:
         return self.percent is not None
 
-    def decide(self, body: Mapping[str, Any], headers: Mapping[str, str], api_key: str | None) -> ArmDecision:
-        """``headers`` have lower-case names. Raises ``InvalidOverride`` for a bad X-BPO value."""
+    def decide(self, body: Mapping[str, Any], headers: Mapping[str, str], api_key: str | None,
+               policy: str = "default") -> ArmDecision:
+        """``headers`` have lower-case names. Raises ``InvalidOverride`` for a bad X-BPO value.
+
+        ``policy`` is the client key's ``optimize``: ``on`` / ``off`` decide before X-BPO and the split (the
+        request is then an override, kept out of the arm statistics); X-BPO may still pick the mode.
+        """
         override = parse_override(headers.get(OVERRIDE_HEADER))
+        if policy != "default":
+            return self._overridden(policy if policy == "off" or override not in MODES else override)
         if override is not None:
             return self._overridden(override)
         if self.percent is None:

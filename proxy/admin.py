@@ -1,4 +1,5 @@
-"""Admin endpoints behind ``--admin-key``: ``POST /admin/optimizer/reload`` swaps the optimizer live."""
+"""Admin endpoints behind ``--admin-key``: ``POST /admin/optimizer/reload`` swaps the optimizer live;
+``/admin/keys`` (``proxy/keys_admin.py``) manages client keys."""
 
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ def admin_routes(admin_key: str | None) -> list[BaseRoute]:
         except ProxyError as exc:
             return exc.response()
 
-    return [Route("/admin/optimizer/reload", reload_optimizer, methods=["POST"])]
+    from proxy.keys_admin import key_routes
+
+    return [Route("/admin/optimizer/reload", reload_optimizer, methods=["POST"]),
+            *key_routes(check_admin_key, admin_key)]
 
 
 def check_admin_key(request: Request, admin_key: str) -> None:

@@ -21,11 +21,14 @@ from optimizer.pipeline import RewritePipeline
 from optimizer.reload import ReloadableOptimizer, install_sighup
 from proxy.ab import ArmAssigner
 from proxy.admin import admin_routes
+from proxy.budget import Pricing
 from proxy.chat import ChatService
+from proxy.clients import ClientGuard
 from proxy.errors import ProxyError, error_response
 from proxy.events import build_sink
 from proxy.feedback import RecentRequests
 from proxy.forward import HttpForwarder
+from proxy.keystore import build_key_store
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
@@ -82,7 +85,7 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Gateway) -> AsyncIterator[None]:
         state = app.state
         state.settings, state.metrics = settings, metrics
         # Reloadable: SIGHUP or POST /admin/optimizer/reload swaps the model without dropping requests.
@@ -91,6 +94,8 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
         state.events = build_sink(settings, metrics)
         state.http = HttpForwarder(settings.upstream_timeout, on_broken_stream=metrics.broken_stream)
         state.recent_requests = RecentRequests()
+        state.key_store = build_key_store(settings.key_store, settings.cache_namespace)
+        state.clients = app.clients = ClientGuard(settings, state.key_store, metrics, Pricing(settings))
         pipeline = RewritePipeline(
             state.optimizer, state.cache, timeout=settings.optimizer_timeout,
             max_chars=settings.max_prompt_chars,
@@ -104,8 +109,8 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
                                  metrics, state.events, state.recent_requests, state.shadow, state.access_log)
         async with contextlib.AsyncExitStack() as services:
             # Started in order, closed in reverse: the shadow judge's verdicts still reach the events sink.
-            for service in (state.http, state.cache, state.events, state.shadow, state.optimizer,
-                            state.access_log):
+            for service in (state.key_store, state.clients, state.http, state.cache, state.events, state.shadow,
+                            state.optimizer, state.access_log):
                 if service is None:
                     continue
                 await service.start()
@@ -130,12 +135,24 @@ class Gateway(Starlette):
     and anything else is answered here as ``_unexpected`` would. That saves two send wrappers, two
     exception layers and a route scan on every request (``bench/README.md``). Every other request, other
     methods on this path included, goes through Starlette as before.
+
+    Cross-cutting checks attach here, ahead of both paths, so no route can skip them: client auth, rate
+    limits and budgets (``ClientGuard.check``) on every ``/v1/*`` request.
     """
+
+    clients: ClientGuard | None = None  # set by the lifespan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await super().__call__(scope, receive, _brief_startup_failure(send))
             return
+        clients = self.clients
+        if (clients is not None and clients.active and scope["type"] == "http"
+                and _api_path(scope).startswith("/v1/")):
+            refused = await clients.check(scope)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
         if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CHAT_COMPLETIONS
                 and not scope.get("root_path")):
             scope["app"] = self
@@ -147,6 +164,13 @@ class Gateway(Starlette):
             await response(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+def _api_path(scope: Scope) -> str:
+    """The path the routes match: under a root path (the app mounted in another), without it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def create_app_from_environment() -> Starlette:

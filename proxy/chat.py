@@ -12,12 +12,14 @@ from typing import Any
 from urllib.parse import quote
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope
 
 from optimizer.cache import tenant_of
 from optimizer.pipeline import RewritePipeline
 from proxy.ab import ArmAssigner, ArmDecision
+from proxy.budget import wants_usage, with_usage_requested, without_usage_chunk
+from proxy.clients import CLIENT, ClientContext, Meter
 from proxy.errors import ProxyError
 from proxy.events import EventSink
 from proxy.feedback import RecentRequests
@@ -109,7 +111,7 @@ class ChatService:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = request_id_for(headers)
         try:
-            return await self._serve(receive, headers, request_id, arrived)
+            return await self._serve(receive, headers, request_id, arrived, scope.get(CLIENT))
         except ProxyError as exc:
             response = exc.response()
             response.headers["x-request-id"] = request_id
@@ -118,19 +120,25 @@ class ChatService:
             return Response(status_code=499)
 
     async def _serve(self, receive: Receive, headers: dict[str, str], request_id: str,
-                     arrived: float) -> Response:
+                     arrived: float, client: ClientContext | None) -> Response:
         raw = await read_body_from(receive, headers.get("content-length"), self.settings.max_body_bytes)
         chat = parse_chat_request(raw, headers.get("content-type"))
-        api_key = api_key_of(headers)
-        decision = self.assigner.decide(chat.body, headers, api_key)
+        api_key = api_key_of(headers) if client is None else client.key.id
+        decision = self.assigner.decide(chat.body, headers, api_key, client.key.optimize if client else "default")
         target = self._target(chat.model)
+        meter = None if client is None else await self._admit(client, chat, decision)
         rewritten = await self._rewrite(chat, decision, api_key)
+        strip_usage = meter is not None and chat.stream and not wants_usage(chat.body)
+        if strip_usage:  # spend needs the stream's usage: asked for here, taken out before the client sees it
+            rewritten.body = with_usage_requested(chat.exact_body if rewritten.body is None else rewritten.body)
         debug = headers.get("x-bpo-debug", "").strip().lower() in ("1", "true", "yes", "on")
         exchange = Exchange()
         sent = time.perf_counter()
 
         def finish(done: Exchange) -> None:
-            self._account(request_id, chat, decision, rewritten, done, arrived, sent)
+            if meter is not None:
+                meter.settle(done.status, done.usage)
+            self._account(request_id, chat, decision, rewritten, done, arrived, sent, client)
 
         # Overhead so far; the relay adds nothing but byte copies after the upstream's headers arrive.
         extra = self._bpo_headers(request_id, decision, rewritten, debug, (sent - arrived) * 1000)
@@ -142,7 +150,16 @@ class ChatService:
             failed = exc.response()
             failed.headers.update(extra)
             return failed
+        if strip_usage and isinstance(response, StreamingResponse):
+            response.body_iterator = without_usage_chunk(response.body_iterator)
         return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)
+
+    async def _admit(self, client: ClientContext, chat: ChatRequest, decision: ArmDecision) -> Meter:
+        """The key's limits and budget, for this request's worst case: the body as sent, plus the longest
+        rewrite the optimizer may add (in bytes, generously), plus the output it asks for."""
+        rewrite = decision.optimize and self.pipeline.optimizer.status().state != "disabled"
+        margin = 8 * self.settings.optimizer_max_new_tokens if rewrite else 0
+        return await client.admit(chat.model, chat.body, len(chat.raw) + margin)
 
     async def _send(self, chat: ChatRequest, rewritten: Rewritten, target: Target, headers: Mapping[str, str],
                     exchange: Exchange, extra: dict[str, str], finish: Callable[[Exchange], None]) -> Response:
@@ -204,7 +221,7 @@ class ChatService:
         return out
 
     def _account(self, request_id: str, chat: ChatRequest, decision: ArmDecision, rewritten: Rewritten,
-                 exchange: Exchange, arrived: float, sent: float) -> None:
+                 exchange: Exchange, arrived: float, sent: float, client: ClientContext | None = None) -> None:
         """Metrics and one event per request; runs when the response (or stream) is complete."""
         arm = decision.stats_arm
         total = time.perf_counter() - arrived
@@ -217,7 +234,10 @@ class ChatService:
                 "applied": rewritten.applied, "reason": rewritten.reason, "cache": rewritten.cache,
                 "latency_ms": round(total * 1000, 2)})
         if self.events.enabled:
-            self.events.emit(self._event(request_id, chat, decision, rewritten, exchange, total, sent - arrived))
+            event = self._event(request_id, chat, decision, rewritten, exchange, total, sent - arrived)
+            if client is not None:
+                event["key_name"] = client.name  # the key's name, never the key
+            self.events.emit(event)
 
     def _event(self, request_id: str, chat: ChatRequest, decision: ArmDecision, rewritten: Rewritten,
                exchange: Exchange, total: float, overhead: float) -> dict[str, Any]:

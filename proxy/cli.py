@@ -43,6 +43,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"bpo serve: {exc}", file=sys.stderr)
         return 2
+    from proxy.open_relay import open_relay_problem
+
+    problem = open_relay_problem(settings)
+    if problem is not None:
+        print(f"bpo serve: {problem}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     if settings.workers == 1:
         from proxy.app import create_app

@@ -29,6 +29,8 @@ METRIC_NAMES = (
     "bpo_fail_open_total",
     "bpo_shadow_verdicts_total",
     "bpo_shadow_skipped_total",
+    "bpo_client_requests_total",
+    "bpo_key_spend_usd_total",
 )
 
 
@@ -200,6 +202,25 @@ class Metrics:
         self.shadow_skipped = Counter("bpo_shadow_skipped_total",
                                       "Sampled treatment requests not judged (budget, busy, incomplete, ...)",
                                       ["reason"], registry=r)
+        # key_name: names of configured keys only ("" for a request without a valid key), so bounded.
+        self.client_requests = Counter("bpo_client_requests_total", "Client-key checks by outcome",
+                                       ["key_name", "outcome"], registry=r)
+        self.key_spend_usd = Counter("bpo_key_spend_usd_total", "USD charged to client keys",
+                                     ["key_name"], registry=r)
+        self._client_children: dict[tuple[str, ...], Any] = {}
+
+    def client_request(self, key_name: str, outcome: str) -> None:
+        """One client-key check: ok, invalid_key, model_not_allowed, rate_limited, budget_exceeded, ..."""
+        child = self._client_children.get((key_name, outcome))
+        if child is None:
+            child = self._client_children[(key_name, outcome)] = self.client_requests.labels(key_name, outcome)
+        child.inc()
+
+    def key_spend(self, key_name: str, usd: float) -> None:
+        child = self._client_children.get((key_name,))
+        if child is None:
+            child = self._client_children[(key_name,)] = self.key_spend_usd.labels(key_name)
+        child.inc(usd)
 
     def observe_request(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
                         usage: Mapping[str, Any] | None) -> None:

@@ -14,8 +14,11 @@ from typing import Any
 
 import yaml
 
+from proxy.keys import ClientKey, KeySpecError, config_key
+
 ENV_PREFIX = "BPO_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+CLIENT_AUTH_MODES = ("on", "off", "auto")
 LITELLM_SECTIONS = frozenset({"model_list", "litellm_settings", "general_settings", "router_settings",
                               "environment_variables"})
 
@@ -34,6 +37,7 @@ class ModelRoute:
 
     model_name: str
     litellm_params: Mapping[str, Any]
+    model_info: Mapping[str, Any] = field(default_factory=dict)  # prices for budgets, as in LiteLLM
 
     @property
     def provider_model(self) -> str:
@@ -99,8 +103,20 @@ class Settings:
                            "remote: optimizer with several (metrics are merged across them)")
     log_level: str = _opt("info", "log level: debug | info | warning | error", choices=LOG_LEVELS)
     access_log: bool = _opt(True, "one JSON line per chat completion (at log level info or below)")
+    key_store: str = _opt("sqlite:bpo-keys.db", "where client keys and spend live: sqlite:PATH | redis://HOST:PORT/DB")
+    client_auth: str = _opt("auto", "client keys on /v1/*: on | off | auto (on once any client key exists)",
+                            choices=CLIENT_AUTH_MODES)
+    allow_unauthenticated: bool = _opt(
+        False, "start even when binding a non-loopback address with a provider key and client auth off")
+    key_cache_seconds: float = _opt(
+        10.0, "how long a key lookup is cached: a key revoked on another replica works up to this long")
+    budget_default_max_tokens: int = _opt(
+        4096, "output tokens reserved against a key's budget when a request sets no max_tokens")
     model_list: tuple[ModelRoute, ...] = field(
         default=(), metadata={"help": "LiteLLM-style routes (config file only)", "config_only": True}
+    )
+    keys: tuple[ClientKey, ...] = field(
+        default=(), metadata={"help": "client keys (config file only; key or key_hash)", "config_only": True}
     )
 
     def route_for(self, model: str) -> ModelRoute | None:
@@ -196,13 +212,27 @@ def _read_config(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     if stray:
         raise SettingsError(f"--config: unknown key(s) {', '.join(stray)} in {path}")
     values = dict(raw.get("bpo_settings") or {})
-    values.update({k: v for k, v in raw.items() if k in FIELDS and k != "model_list"})
+    values.update({k: v for k, v in raw.items() if k in FIELDS and k not in ("model_list", "keys")})
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise SettingsError(f"--config: unknown setting(s) {', '.join(unknown)} in {path}")
     values = {k: _coerce(k, v, f"{path}: {k}") for k, v in values.items()}
     values["model_list"] = _parse_model_list(raw.get("model_list") or [], path, environ)
+    values["keys"] = _parse_keys(raw.get("keys") or [], path)
     return values
+
+
+def _parse_keys(entries: Any, path: Path) -> tuple[ClientKey, ...]:
+    if not isinstance(entries, list):
+        raise SettingsError(f"--config: {path}: keys must be a list")
+    try:
+        keys = tuple(config_key(entry, index) for index, entry in enumerate(entries))
+    except KeySpecError as exc:
+        raise SettingsError(f"--config: {path}: {exc}") from exc
+    names = [key.name for key in keys]
+    if len(set(names)) != len(names) or len({key.key_hash for key in keys}) != len(keys):
+        raise SettingsError(f"--config: {path}: keys need distinct names and distinct keys")
+    return keys
 
 
 def _parse_model_list(entries: Sequence[Any], path: Path, environ: Mapping[str, str]) -> tuple[ModelRoute, ...]:
@@ -216,7 +246,10 @@ def _parse_model_list(entries: Sequence[Any], path: Path, environ: Mapping[str, 
             raise SettingsError(f"{where} needs litellm_params.model")
         if params["model"].startswith("azure/") and not params.get("api_base"):
             raise SettingsError(f"{where}: an azure/ model needs litellm_params.api_base")
-        routes.append(ModelRoute(entry["model_name"], _resolve_env_refs(params, environ, where)))
+        info = entry.get("model_info") or {}
+        if not isinstance(info, dict):
+            raise SettingsError(f"{where}.model_info must be a mapping")
+        routes.append(ModelRoute(entry["model_name"], _resolve_env_refs(params, environ, where), info))
     return tuple(routes)
 
 
@@ -273,6 +306,11 @@ def validate(settings: Settings) -> None:
          "must be memory, none or redis://HOST:PORT/DB"),
         (_spec_ok(settings.events, ("none", "jsonl:", "redis://", "rediss://")), "events",
          "must be none, jsonl:PATH or redis://HOST:PORT/DB"),
+        (_spec_ok(settings.key_store, ("sqlite:", "redis://", "rediss://", "unix://")), "key_store",
+         "must be sqlite:PATH or redis://HOST:PORT/DB"),
+        (settings.client_auth in CLIENT_AUTH_MODES, "client_auth", "must be on, off or auto"),
+        (settings.key_cache_seconds >= 0, "key_cache_seconds", "must not be negative"),
+        (settings.budget_default_max_tokens >= 1, "budget_default_max_tokens", "must be at least 1"),
     ]
     if settings.ab_treatment_percent is not None:
         checks.append((0 <= settings.ab_treatment_percent <= 100, "ab_treatment_percent", "must be 0-100"))

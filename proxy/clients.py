@@ -1,0 +1,352 @@
+"""Client auth, limits and spend: the one check every ``/v1/*`` request passes (``ClientGuard.check``).
+
+``proxy.app.Gateway`` calls ``check`` ahead of both of its dispatch paths (the chat fast path and
+Starlette's router), so no route can skip it. ``check`` authenticates, takes the client's key headers out
+of the request (nothing downstream can forward them), attaches a ``ClientContext`` to the scope and, for
+routes that do not meter themselves, admits the request against the key's rpm and budget right there. The
+routes in ``METERED_PATHS`` know the model and the worst case of their request, so they admit it themselves
+with ``ClientContext.admit`` (rpm, tpm and budget in one step) before forwarding: a metered route that
+forgot would still be covered, since ``check`` refuses to hand such a request over unadmitted only if it
+is listed here — ``tests/proxy/test_clients_e2e.py`` sends a spent key to every route to prove none forgets.
+
+Key lookups are cached for ``--key-cache-seconds`` (default 10): a key revoked through this replica stops
+working at once; through another replica, within that many seconds. A key with a rate limit or a budget
+is also checked by the store on every request (admission refuses revoked keys), so for those revocation
+is immediate everywhere. A store fault fails closed: a request that needs the store gets 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Scope
+
+from proxy.budget import Price, Pricing, actual_tokens, worst_case_output
+from proxy.errors import Forbidden, ProxyError, Unauthorized
+from proxy.keys import ClientKey, KeySpecError, hash_key, key_from_spec, new_id, new_key, same_hash
+from proxy.keystore import KeyRecord, KeyStore, KeyStoreError, Settlement
+from proxy.limits import BUDGET_EXCEEDED, RATE_LIMITED, Admission, Ask
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+
+log = logging.getLogger("bpo.clients")
+
+CLIENT = "bpo.client"  # the scope entry that carries the request's ClientContext
+# Routes that admit their own requests with the model and worst case known (``ClientContext.admit``).
+METERED_PATHS = frozenset({"/v1/chat/completions"})
+CLIENT_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+MAX_CACHED_KEYS = 10_000
+SETTLE_INTERVAL = 0.05
+
+
+class KeyStoreUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "key_store_unavailable"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = RATE_LIMITED
+
+
+class BudgetExceeded(ProxyError):
+    status = 429
+    type = "insufficient_quota"
+    code = BUDGET_EXCEEDED
+
+
+def presented_key(headers: list[tuple[bytes, bytes]], path: str) -> str | None:
+    """``Authorization: Bearer KEY``, or ``x-api-key: KEY`` on ``/v1/messages`` (Anthropic's SDK sends that)."""
+    bearer = api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                bearer = token.strip()
+        elif name == b"x-api-key" and path.startswith("/v1/messages"):
+            api_key = value.decode("latin-1").strip() or None
+    return bearer or api_key
+
+
+@dataclass
+class Meter:
+    """One admitted request's account, settled when its response is complete."""
+
+    context: ClientContext
+    model: str
+    price: Price | None
+    reserved_cost: float
+    reserved_tokens: int
+    reservation: str | None
+
+    def settle(self, status: int, usage: Mapping[str, Any] | None) -> float:
+        """Charge the actual cost (from the upstream's usage). With no usage on a success the worst case
+        is charged: a stream cut short still spent tokens, and a budget must not be undercounted."""
+        tokens = actual_tokens(usage)
+        if status >= 400 or not status:
+            cost, used = 0.0, 0
+        elif tokens is None:
+            cost, used = self.reserved_cost, self.reserved_tokens
+        else:
+            cost = self.price.cost(*tokens) if self.price else 0.0
+            used = tokens[0] + tokens[1]
+        self.context.guard.record(self.context.key, Settlement(self.reservation, cost, used - self.reserved_tokens))
+        return cost
+
+
+class ClientContext:
+    """The authenticated key of one request, attached to its scope by ``ClientGuard.check``."""
+
+    __slots__ = ("admitted", "guard", "key")
+
+    def __init__(self, key: ClientKey, guard: ClientGuard) -> None:
+        self.key = key
+        self.guard = guard
+        self.admitted = False
+
+    @property
+    def name(self) -> str:
+        return self.key.name
+
+    async def admit(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> Meter:
+        """Admit a request for ``model``: 403 if the key may not use it, 429 if over a limit or the budget.
+
+        ``sent_bytes`` bounds the prompt from above (``proxy/budget.py``).
+        """
+        key, guard = self.key, self.guard
+        if not key.allows(model):
+            guard.count(key.name, "model_not_allowed")
+            raise Forbidden(f"This key may not use the model '{model}'.", param="model", code="model_not_allowed")
+        price = guard.pricing.price(model)
+        if price is None and key.max_budget_usd is not None:
+            guard.count(key.name, "model_not_allowed")
+            raise Forbidden(f"No price is known for '{model}', so this key's budget cannot cover it; set the "
+                            "route's model_info input_cost_per_token and output_cost_per_token.", param="model",
+                            code="model_not_allowed")
+        output = worst_case_output(body, guard.settings.budget_default_max_tokens)
+        tokens = sent_bytes + output
+        cost = price.cost(sent_bytes, output) if price else 0.0
+        reservation = None
+        if key.limited:
+            reservation = await guard.admit(key, Ask(tokens, cost, guard.hold_seconds))
+        else:
+            guard.count(key.name, "ok")
+        self.admitted = True
+        return Meter(self, model, price, cost, tokens, reservation)
+
+
+class ClientGuard:
+    """Keys, their cache, admission and the background settler; one per app, built in the lifespan."""
+
+    def __init__(self, settings: Settings, store: KeyStore, metrics: Metrics, pricing: Pricing,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.pricing = pricing
+        self.clock = clock
+        self.mode = settings.client_auth
+        self.active = self.mode == "on"  # read on every request: "is client auth on now?"
+        self.hold_seconds = settings.upstream_timeout + 60.0
+        self._cache: OrderedDict[str, tuple[ClientKey | None, float]] = OrderedDict()
+        self._config_keys = {key.key_hash: key for key in settings.keys}
+        self._pending: dict[str, tuple[ClientKey, list[Settlement]]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self._config_keys:
+            await self._sync_config_keys()
+        if self.mode == "auto":
+            await self.refresh_auto()
+        self._tasks.append(asyncio.create_task(self._settle_forever(), name="bpo-settle"))
+        if self.mode == "auto" and not self.active:
+            self._tasks.append(asyncio.create_task(self._watch_auto(), name="bpo-client-auth-auto"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush(retries=3)
+
+    async def _sync_config_keys(self) -> None:
+        try:
+            for key in self._config_keys.values():
+                await self.store.put(key)
+            await self.store.revoke_config_keys_except([k.id for k in self._config_keys.values()])
+        except KeyStoreError as exc:  # the keys still authenticate from the config; limits fail closed
+            log.error("could not write the config's keys to the key store: %s", exc)
+
+    async def refresh_auto(self) -> None:
+        """``--client-auth auto``: on as soon as a key exists (config or store); a store fault counts as on."""
+        if self.mode != "auto" or self.active:
+            return
+        try:
+            self.active = bool(self._config_keys) or await self.store.count() > 0
+        except KeyStoreError as exc:
+            log.error("client auth auto: key store unreachable, failing closed: %s", exc)
+            self.active = True
+
+    async def _watch_auto(self) -> None:
+        """Another replica (or an earlier run) may create the first key: look again now and then."""
+        while not self.active:
+            await asyncio.sleep(self.settings.key_cache_seconds)
+            await self.refresh_auto()
+
+    async def check(self, scope: Scope) -> Response | None:
+        """The one check on every ``/v1/*`` request while client auth is on; None lets the request go on."""
+        path: str = scope["path"]
+        presented = presented_key(scope["headers"], path)
+        try:
+            if presented is None:
+                self.count("", "invalid_key")
+                raise Unauthorized("This gateway needs a client key: 'Authorization: Bearer <key>'.")
+            key = await self.lookup(presented)
+            if key is None:
+                self.count("", "invalid_key")
+                raise Unauthorized("The client key is not valid (unknown or revoked).")
+            scope["headers"] = [h for h in scope["headers"] if h[0] not in CLIENT_KEY_HEADERS]
+            context = scope[CLIENT] = ClientContext(key, self)
+            if not (path in METERED_PATHS and scope["method"] == "POST"):
+                if key.limited:
+                    await self.admit(key, Ask(0, 0.0, self.hold_seconds))
+                else:
+                    self.count(key.name, "ok")
+                context.admitted = True
+        except ProxyError as exc:
+            return exc.response()
+        return None
+
+    async def lookup(self, presented: str) -> ClientKey | None:
+        digest = hash_key(presented)
+        configured = self._config_keys.get(digest)
+        if configured is not None and same_hash(configured.key_hash, digest):
+            return configured
+        now = self.clock()
+        cached = self._cache.get(digest)
+        if cached is not None and now - cached[1] < self.settings.key_cache_seconds:
+            return cached[0]
+        try:
+            key = await self.store.find(digest)
+        except KeyStoreError as exc:
+            log.error("key store unreachable, refusing the request: %s", exc)
+            self.count("", "store_unavailable")
+            raise KeyStoreUnavailable("The key store is unavailable; try again shortly.",
+                                      headers={"retry-after": "1"}) from exc
+        if key is not None and not same_hash(key.key_hash, digest):
+            key = None
+        self._remember(digest, key, now)
+        return key
+
+    def _remember(self, digest: str, key: ClientKey | None, now: float) -> None:
+        self._cache[digest] = (key, now)
+        self._cache.move_to_end(digest)
+        if len(self._cache) > MAX_CACHED_KEYS:
+            self._cache.popitem(last=False)
+
+    async def admit(self, key: ClientKey, ask: Ask) -> str | None:
+        """One atomic admission in the store; raises the refusal. Returns the reservation id."""
+        try:
+            admission = await self.store.admit(key, ask)
+        except KeyStoreError as exc:
+            log.error("key store unreachable, refusing the request: %s", exc)
+            self.count(key.name, "store_unavailable")
+            raise KeyStoreUnavailable("The key store is unavailable; try again shortly.",
+                                      headers={"retry-after": "1"}) from exc
+        if not admission.ok:
+            raise self._refusal(key, admission)
+        self.count(key.name, "ok")
+        return admission.reservation
+
+    def _refusal(self, key: ClientKey, admission: Admission) -> ProxyError:
+        headers = {"retry-after": str(admission.retry_after)} if admission.retry_after else {}
+        if admission.code == RATE_LIMITED:
+            self.count(key.name, "rate_limited")
+            limits = ", ".join(f"{name} {value}" for name, value in (("rpm", key.rpm), ("tpm", key.tpm)) if value)
+            return RateLimited(f"Rate limit reached for this key ({limits}); retry after "
+                               f"{admission.retry_after} s.", headers=headers)
+        if admission.code == BUDGET_EXCEEDED:
+            self.count(key.name, "budget_exceeded")
+            period = f" for this {key.budget_period} period" if key.budget_period else ""
+            return BudgetExceeded(f"This key's budget of ${key.max_budget_usd:g}{period} is spent or "
+                                  "reserved by requests in flight.", headers=headers)
+        self._cache.clear()
+        self.count("", "invalid_key")
+        return Unauthorized("The client key is not valid (unknown or revoked).")
+
+    def count(self, key_name: str, outcome: str) -> None:
+        self.metrics.client_request(key_name, outcome)
+
+    def record(self, key: ClientKey, settlement: Settlement) -> None:
+        """Queue a finished request's account for the store; the settler writes it within ~50 ms."""
+        if settlement.cost:
+            self.metrics.key_spend(key.name, settlement.cost)
+        if not (settlement.cost or settlement.reservation or (key.tpm and settlement.tokens_delta)):
+            return
+        entry = self._pending.get(key.id)
+        if entry is None:
+            self._pending[key.id] = (key, [settlement])
+        else:
+            entry[1].append(settlement)
+        self._wake.set()
+
+    async def _settle_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(SETTLE_INTERVAL)  # gathers a burst into one write per key
+            self._wake.clear()
+            await self._flush(retries=1)
+
+    async def _flush(self, retries: int) -> None:
+        pending, self._pending = self._pending, {}
+        for key_id, (key, items) in pending.items():
+            for attempt in range(retries + 1):
+                try:
+                    await self.store.settle(key, items)
+                    break
+                except KeyStoreError as exc:
+                    log.error("could not settle %d request(s) of key %s (attempt %d): %s", len(items),
+                              key.name, attempt + 1, exc)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            else:  # kept for the next round: spend is written late, never lost or written twice
+                entry = self._pending.setdefault(key_id, (key, []))
+                entry[1][:0] = items
+                self._wake.set()
+
+    async def flush(self) -> None:
+        """Write every queued settlement now (tests and shutdown)."""
+        await self._flush(retries=0)
+
+    # The admin API's operations.
+
+    async def create(self, spec: Mapping[str, Any]) -> tuple[ClientKey, str]:
+        secret = new_key()
+        key = key_from_spec({k: v for k, v in spec.items() if k not in ("key", "key_hash")},
+                            key_hash=hash_key(secret), id=new_id(), source="api", where="body")
+        await self.store.put(key)
+        if self.mode == "auto" and not self.active:
+            self.active = True
+            log.info("client auth is now on: the first client key was created")
+        return key, secret
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self.store.list_keys()
+
+    async def revoke(self, key_id: str) -> bool:
+        revoked = await self.store.revoke(key_id)
+        self._cache.clear()  # takes effect on this replica at once
+        return revoked
+
+
+__all__ = ["CLIENT", "METERED_PATHS", "ClientContext", "ClientGuard", "KeySpecError", "Meter"]
