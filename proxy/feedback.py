@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.errors import error_response
 from proxy.protocol import read_body
+from proxy.settings import Settings
 
 UNKNOWN_ARM = "unknown"
 MAX_BODY_BYTES = 64 * 1024
@@ -93,16 +94,34 @@ def feedback_event(feedback: Feedback, arm: str) -> dict[str, Any]:
     return event
 
 
+def serves_alone(settings: Settings) -> bool:
+    """Whether an id this process does not remember was never served: one worker, events of its own.
+
+    With ``--workers N`` or events in a Redis stream (what replicas share), another process may have served
+    it, and the report joins the feedback to that request through the events.
+    """
+    return settings.workers == 1 and not settings.events.startswith(("redis://", "rediss://"))
+
+
 async def feedback_endpoint(request: Request) -> Response:
-    """Records the score as a ``feedback`` event and in ``bpo_feedback_total{arm}``."""
+    """Records the score as a ``feedback`` event and in ``bpo_feedback_total{arm}``.
+
+    ``recorded`` says whether an events sink took it (``--events none``: only the counter did).
+    """
     try:
         feedback = parse_feedback(await read_body(request, MAX_BODY_BYTES))
     except MalformedFeedback as exc:
         return error_response(400, str(exc), "invalid_request_error", exc.param, "invalid_feedback")
     state = request.app.state
     recent: RecentRequests | None = getattr(state, "recent_requests", None)
-    arm = (recent.arm_of(feedback.request_id) if recent is not None else None) or UNKNOWN_ARM
+    arm = recent.arm_of(feedback.request_id) if recent is not None else None
+    if arm is None and recent is not None and serves_alone(state.settings):
+        return error_response(
+            404, f"No response of this gateway had the X-Request-Id {feedback.request_id!r} (it remembers its "
+                 f"last {recent.max_entries:,} since it started).", "invalid_request_error", "request_id",
+            "unknown_request_id")
+    arm = arm or UNKNOWN_ARM
     state.events.emit(feedback_event(feedback, arm))
     state.metrics.feedback.labels(arm=arm).inc()
     return JSONResponse({"object": "bpo.feedback", "request_id": feedback.request_id, "arm": arm,
-                         "recorded": True})
+                         "recorded": state.events.enabled})

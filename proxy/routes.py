@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import NotFound, ProxyError
@@ -16,6 +16,7 @@ from proxy.forward import Exchange, passthrough_url, upstream_headers
 from proxy.protocol import read_body
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
+OWN_PREFIX = "/v1/bpo"  # the gateway's own /v1 namespace: never forwarded upstream
 
 
 class ChatCompletions:
@@ -59,6 +60,17 @@ def _merge_models(configured: list[dict[str, Any]], upstream_body: bytes) -> Res
     names = {m["id"] for m in configured}
     merged = configured + [m for m in upstream if isinstance(m, dict) and m.get("id") not in names]
     return JSONResponse({"object": "list", "data": merged})
+
+
+class Passthrough(Route):
+    """The ``/v1/*`` catch-all, which never takes the gateway's own ``/v1/bpo/*`` paths: a wrong method on
+    ``/v1/bpo/feedback`` is a 405 here and an unknown ``/v1/bpo/`` path a 404, never a request upstream."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path: str = scope.get("path", "")
+        if path == OWN_PREFIX or path.startswith(OWN_PREFIX + "/"):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 async def passthrough(request: Request) -> Response:
@@ -114,5 +126,5 @@ def routes() -> list[BaseRoute]:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/{path:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        Passthrough("/v1/{path:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]

@@ -185,22 +185,33 @@ def test_feedback_joins_its_request_in_metrics_events_and_the_report(
     for request_id, arm in requests.items():
         answer = post_feedback(proxy, {"request_id": request_id, "score": 1 if arm == "treatment" else 0})
         assert answer.status_code == 200 and answer.json()["arm"] == arm
-    foreign = post_feedback(proxy, {"request_id": "req_from_another_replica", "score": 5, "comment": "great"})
-    assert foreign.json()["arm"] == "unknown"
+        assert answer.json()["recorded"] is True
+    # One process with events of its own has served every request that could be rated: a typo is a 404.
+    unknown = post_feedback(proxy, {"request_id": "req_typo", "score": 5, "comment": "great"})
+    assert unknown.status_code == 404
+    assert (unknown.json()["error"]["code"], unknown.json()["error"]["param"]) == ("unknown_request_id", "request_id")
 
     samples = scrape(proxy)
     treated = sum(a == "treatment" for a in requests.values())
     assert sample(samples, "bpo_feedback_total", arm="treatment") == treated
     assert sample(samples, "bpo_feedback_total", arm="control") == 30 - treated
-    assert sample(samples, "bpo_feedback_total", arm="unknown") == 1
+    assert sample(samples, "bpo_feedback_total", arm="unknown") == 0
     proxy.stop()
     feedback = [e for e in read_jsonl(events) if e["type"] == "feedback"]
-    assert len(feedback) == 31 and feedback[-1]["comment"] == "great"
+    assert len(feedback) == 30 and "req_typo" not in {e["request_id"] for e in feedback}
     report = summarize(load_events(f"jsonl:{events}"), "e", experiment="default")
     by_arm = {a.arm: a.feedback for a in report.arms}
     assert (by_arm["treatment"].count, by_arm["treatment"].mean) == (treated, 1.0)
     assert (by_arm["control"].count, by_arm["control"].mean) == (30 - treated, 0.0)
     assert report.comparison is not None and report.comparison.p_value < 1e-6
+
+
+def test_feedback_without_an_events_sink_says_it_was_not_recorded(start_proxy: StartProxy) -> None:
+    proxy = start_proxy(ab_treatment_percent=50, events="none")
+    request_id = ask(sdk(proxy), "rated").headers["x-request-id"]
+    answer = post_feedback(proxy, {"request_id": request_id, "score": 1})
+    assert answer.status_code == 200 and answer.json()["recorded"] is False  # only the counter has it
+    assert sum(sample(scrape(proxy), "bpo_feedback_total", arm=arm) for arm in ("treatment", "control")) == 1
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -230,7 +241,10 @@ def test_events_to_a_redis_stream_feed_the_report(start_proxy: StartProxy, strea
     ids = [ask(client, f"rs-{i}").headers["x-request-id"] for i in range(10)]
     for request_id in ids:
         assert post_feedback(proxy, {"request_id": request_id, "score": 4}).status_code == 200
+    # Replicas share the stream: an id this one never saw may be another's, so it is accepted and recorded.
+    foreign = post_feedback(proxy, {"request_id": "req_from_another_replica", "score": 5})
+    assert foreign.status_code == 200 and (foreign.json()["arm"], foreign.json()["recorded"]) == ("unknown", True)
     proxy.stop()
     report = summarize(load_events(stream_spec), stream_spec)
     assert sum(a.requests for a in report.arms) == 10
-    assert sum(a.feedback.count for a in report.arms) == 10 and report.malformed_lines == 0
+    assert sum(a.feedback.count for a in report.arms) == 11 and report.malformed_lines == 0  # the foreign one too

@@ -140,6 +140,19 @@ def test_unknown_paths_and_wrong_methods_answer_in_openai_shape(proxy: RunningPr
     assert "GET" in response.headers["allow"]
 
 
+def test_the_gateways_own_v1_bpo_paths_are_never_forwarded(proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = httpx.request(method, proxy.base_url + "/bpo/feedback")
+        assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+        assert response.headers["allow"] == "POST"
+    response = httpx.post(proxy.base_url + "/bpo/nothing-here", json={})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert [r.path for r in upstream.requests if "/bpo" in r.path] == []
+    # Other methods on the upstream's own paths still reach it: GET /v1/chat/completions lists stored completions.
+    assert httpx.get(proxy.base_url + "/chat/completions").status_code != 405
+    assert len(upstream.requests_to("/v1/chat/completions")) == 1
+
+
 def test_a_fault_in_the_chat_service_is_a_500_in_openai_shape(proxy: RunningProxy,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # Fault injection: a bug the service does not expect must still answer in OpenAI's error shape.
