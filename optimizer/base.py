@@ -20,12 +20,21 @@ class OptimizerUnavailable(OptimizerError):
     """The optimizer cannot serve right now (still loading, failed to load, backend unreachable)."""
 
 
+class OptimizerBusy(OptimizerError):
+    """The queue ahead cannot finish within the deadline: failing open now beats failing open late."""
+
+
 @dataclass(frozen=True)
 class Rewrite:
-    """One optimized prompt and the optimizer (``name@version``) that wrote it."""
+    """One optimized prompt and the optimizer (``name@version``) that wrote it.
+
+    ``truncated``: generation stopped on its token budget, not on end-of-sequence or a stop string, so the
+    text may have lost the end of the user's request; the pipeline never forwards it.
+    """
 
     text: str
     optimizer: str
+    truncated: bool = False
 
 
 @dataclass(slots=True)  # not frozen: read on every request, and a frozen dataclass costs 4x to build
@@ -45,12 +54,15 @@ class OptimizerStatus:
 class OptimizerOptions:
     """Knobs shared by the backends; each backend reads the ones that apply to it."""
 
-    max_new_tokens: int = 256
+    # The cap on one rewrite's tokens; each rewrite's own budget is sized from its prompt (template.token_budget).
+    max_new_tokens: int = 1024
     max_batch_size: int = 8
     max_wait_ms: float = 5.0
     seed: int | None = None
     device: str | None = None
     remote_model: str | None = None
+    # The deadline of one rewrite (--optimizer-timeout): remote/llm calls time out at it, and the hf backend
+    # sheds a request at once when its queue cannot finish within it.
     request_timeout: float = 30.0
     api_key: str | None = None
     # A server (remote:) that cannot be reached is probed again and again while the gateway runs; a one-shot

@@ -19,8 +19,8 @@ from optimizer.template import TEMPLATE_VERSION
 if TYPE_CHECKING:
     from proxy.settings import Settings
 
-Verdict = Literal["applied", "unchanged", "guard-rejected"]
-VERDICTS: tuple[Verdict, ...] = ("applied", "unchanged", "guard-rejected")
+Verdict = Literal["applied", "unchanged", "guard-rejected", "truncated"]
+VERDICTS: tuple[Verdict, ...] = ("applied", "unchanged", "guard-rejected", "truncated")
 
 EventCallback = Callable[[str], None]
 Compute = Callable[[], Awaitable["CachedRewrite"]]

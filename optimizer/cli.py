@@ -26,7 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     parser.add_argument("--seed", dest="optimizer_seed", type=int, metavar="N",
                         help="seed for a reproducible rewrite")
     parser.add_argument("--max-new-tokens", dest="optimizer_max_new_tokens", type=int, metavar="N",
-                        help="longest rewrite, in tokens [default: 256]")
+                        help="cap on a rewrite's tokens; each rewrite's budget is 6x its prompt (at least 128) "
+                             "up to this [default: 1024]")
     parser.add_argument("--device", dest="optimizer_device", metavar="DEVICE",
                         help="torch device for hf: (default: cuda, mps, cpu)")
     parser.add_argument("--model", dest="optimizer_model", metavar="NAME", help="model name on a remote: server")

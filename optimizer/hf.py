@@ -22,7 +22,14 @@ from optimizer.base import (
 )
 from optimizer.batching import DynamicBatcher
 from optimizer.identity import hf_identity
-from optimizer.template import BANNED_STRINGS, DECODING, build_prompt, clean_output
+from optimizer.template import (
+    BANNED_STRINGS,
+    DECODING,
+    build_prompt,
+    clean_output,
+    min_new_tokens,
+    token_budget,
+)
 
 log = logging.getLogger("bpo.optimizer.hf")
 
@@ -37,6 +44,14 @@ class ModelLoadError(OptimizerError):
 class GenerationRequest:
     text: str
     mode: Mode
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One row's cleaned text, and whether it was cut short (budget spent or abandoned)."""
+
+    text: str
+    truncated: bool
 
 
 @dataclass
@@ -76,7 +91,7 @@ def pick_dtype(device: str) -> Any:
 
 
 def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
-    """Load ``target`` (a local dir or hub id); every failure becomes a :class:`ModelLoadError` saying why."""
+    """Load ``target`` (a local dir, a hub id, or a GGUF file); every failure becomes a :class:`ModelLoadError`."""
     try:
         import torch
         import transformers
@@ -84,15 +99,18 @@ def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
         raise ModelLoadError(f"hf:{target} needs torch and transformers ({exc.name} is missing): "
                              f"{INSTALL_HINT}") from exc
     device = options.device or "?"
-    source = _local_or_hub(target)
+    source, gguf_file = model_source(target)
     try:
         device = pick_device(options.device)
         dtype = pick_dtype(device)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        model: Any = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **extra)
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
         model = model.to(device).eval()
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(_out_of_memory(target, device, exc)) from exc
+    except ImportError as exc:  # a GGUF file without the gguf package
+        raise ModelLoadError(f"cannot load hf:{target}: {_first_line(exc)}; {INSTALL_HINT}") from exc
     except OSError as exc:
         raise ModelLoadError(f"cannot load hf:{target}: {_first_line(exc)}. {_hub_hint(target)}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -102,14 +120,25 @@ def load_model(target: str, options: OptimizerOptions) -> LoadedModel:
     return prepare_loaded(target, model, tokenizer, device, str(dtype).removeprefix("torch."))
 
 
-def _local_or_hub(target: str) -> str:
-    """``~/models/bpo`` is a directory; a hub id is ``NAME`` or ``ORG/NAME``; any other path must exist."""
+def model_source(target: str) -> tuple[str, str | None]:
+    """``(directory or hub id, GGUF file name or None)`` for ``from_pretrained``.
+
+    ``~/models/bpo`` is a directory; ``~/models/smollm2.Q4_1.gguf`` a llama.cpp file (transformers
+    dequantizes it); ``owner/repo/file.gguf`` a GGUF file on the hub; a hub id is ``NAME`` or ``ORG/NAME``;
+    any other path must exist.
+    """
     expanded = os.path.expanduser(target)
     if os.path.isdir(expanded):
-        return expanded
-    if target.startswith(("/", ".", "~")) or "\\" in target or target.count("/") > 1:
-        raise ModelLoadError(f"cannot load hf:{target}: no such directory (a hub id is ORG/NAME)")
-    return target
+        return expanded, None
+    if expanded.endswith(".gguf") and os.path.isfile(expanded):
+        return os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded)
+    local = target.startswith(("/", ".", "~")) or "\\" in target
+    if target.endswith(".gguf") and not local and target.count("/") >= 2:
+        owner, repo, file = target.split("/", 2)
+        return f"{owner}/{repo}", file
+    if local or target.count("/") > 1:
+        raise ModelLoadError(f"cannot load hf:{target}: no such directory or GGUF file (a hub id is ORG/NAME)")
+    return target, None
 
 
 def _hub_hint(target: str) -> str:
@@ -119,9 +148,9 @@ def _hub_hint(target: str) -> str:
     if getattr(constants, "HF_HUB_OFFLINE", False):
         return (f"HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so only the local cache was read: download "
                 f"the model once with the hub reachable (hf download {target}), or point --optimizer hf: at a "
-                "local model directory")
-    return ("Point --optimizer hf: at a local model directory, or make the Hugging Face hub reachable (HF_TOKEN "
-            "for gated models; HF_HUB_OFFLINE=1 reads the local cache only, without retrying the hub)")
+                "local model directory or GGUF file")
+    return ("Point --optimizer hf: at a local model directory or GGUF file, or make the Hugging Face hub reachable "
+            "(HF_TOKEN for gated models; HF_HUB_OFFLINE=1 reads the local cache only, without retrying the hub)")
 
 
 def _out_of_memory(target: str, device: str, exc: BaseException) -> str:
@@ -162,7 +191,7 @@ def banned_word_ids(tokenizer: Any) -> list[list[int]]:
 
 
 def generate_batch(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
-                   abandoned: Callable[[int], bool]) -> list[str | BaseException]:
+                   abandoned: Callable[[int], bool]) -> list[Generated | BaseException]:
     """One ``generate`` call for requests of one mode; runs on the batcher's worker thread."""
     import torch
 
@@ -176,49 +205,87 @@ def generate_batch(loaded: LoadedModel, options: OptimizerOptions, requests: Seq
         return [error] * len(requests)
 
 
+@dataclass(frozen=True)
+class RowPlan:
+    """One row's limits: its token budget and, in aggressive mode, the tokens it must produce first."""
+
+    budget: int
+    minimum: int | None
+
+    @property
+    def hopeless(self) -> bool:
+        """The minimum does not fit the budget: the rewrite could only end cut, so it is not generated."""
+        return self.minimum is not None and self.minimum >= self.budget
+
+
+def plan_rows(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest]) -> list[RowPlan]:
+    # Counted with special tokens (BOS), as the reference counts the prompt for the aggressive minimum.
+    counts = [len(ids) for ids in loaded.tokenizer([r.text for r in requests]).input_ids]
+    return [RowPlan(token_budget(count, options.max_new_tokens), min_new_tokens(count, r.mode))
+            for count, r in zip(counts, requests, strict=True)]
+
+
 def _generate(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
-              abandoned: Callable[[int], bool]) -> list[str | BaseException]:
+              abandoned: Callable[[int], bool]) -> list[Generated | BaseException]:
+    plans = plan_rows(loaded, options, requests)
+    outcomes: list[Generated | BaseException] = [Generated("", truncated=True)] * len(requests)
+    rows = [row for row, plan in enumerate(plans) if not plan.hopeless]
+    if rows:
+        texts = _generate_rows(loaded, options, [requests[r] for r in rows], [plans[r] for r in rows],
+                               lambda index: abandoned(rows[index]))
+        for row, generated in zip(rows, texts, strict=True):
+            outcomes[row] = generated
+    return outcomes
+
+
+def _generate_rows(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
+                   plans: Sequence[RowPlan], abandoned: Callable[[int], bool]) -> list[Generated]:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    from optimizer.hf_decoding import AbandonedRows
+    from optimizer.hf_decoding import RowStops
 
     mode = requests[0].mode
     tokenizer = loaded.tokenizer
     inputs = tokenizer([build_prompt(r.text) for r in requests], return_tensors="pt", padding=True)
     inputs = inputs.to(loaded.model.device)
     prompt_length = int(inputs["input_ids"].shape[1])
-    kwargs = generation_kwargs(loaded, options, requests, prompt_length)
+    kwargs = generation_kwargs(loaded, options, requests, plans, prompt_length)
+    stops = RowStops(prompt_length, [plan.budget for plan in plans], kwargs["eos_token_id"], abandoned)
     kwargs["logits_processor"] = LogitsProcessorList(kwargs.pop("logits_processor"))
-    kwargs["stopping_criteria"] = StoppingCriteriaList([AbandonedRows(abandoned, len(requests))])
+    kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
     output = loaded.model.generate(**inputs, **kwargs)
-    texts = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
-    return [clean_output(text, mode) for text in texts]
+    results = []
+    for row in range(len(requests)):
+        ended = stops.lengths[row]
+        length = ended if ended is not None else plans[row].budget
+        text = tokenizer.decode(output[row, prompt_length:prompt_length + length], skip_special_tokens=True)
+        results.append(Generated(clean_output(text, mode), stops.truncated[row]))
+    return results
 
 
 def generation_kwargs(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
-                      prompt_length: int) -> dict[str, Any]:
+                      plans: Sequence[RowPlan], prompt_length: int) -> dict[str, Any]:
     """The ``generate`` arguments of one batch: the mode's sampling settings and its stop rules."""
-    from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, row_seed
+    from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, effective_top_k, row_seed
 
     mode = requests[0].mode
     decoding = DECODING[mode]
-    max_new_tokens = max(1, options.max_new_tokens)
     stop_ids = loaded.eos_ids + (loaded.newline_ids if decoding.stop_at_newline else [])
     processors: list[Any] = []
     kwargs: dict[str, Any] = {
         "do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
-        "max_new_tokens": max_new_tokens, "eos_token_id": stop_ids,
+        # The longest row's budget; RowStops ends every other row at its own.
+        "max_new_tokens": max(plan.budget for plan in plans), "eos_token_id": stop_ids,
         "pad_token_id": loaded.tokenizer.pad_token_id,
     }
-    if decoding.min_extra_tokens is not None:
+    minimums = [plan.minimum for plan in plans if plan.minimum is not None]
+    if len(minimums) == len(plans):
         kwargs["bad_words_ids"] = loaded.bad_words_ids
-        lengths = [len(ids) for ids in loaded.tokenizer([r.text for r in requests], add_special_tokens=False).input_ids]
-        minimums = [min(length + decoding.min_extra_tokens, max_new_tokens) for length in lengths]
         processors.append(RowMinNewTokens(prompt_length, minimums, stop_ids))
     if options.seed is not None:
         seeds = [row_seed(options.seed, mode, r.text) for r in requests]
-        # top_k stays the model's default (50 for most), as in the reference; the seeded sampler follows it.
-        top_k = loaded.model.generation_config.top_k
+        # top_k is what unseeded generate() would use (the model's, else 50), as in the reference.
+        top_k = effective_top_k(loaded.model.generation_config)
         processors.append(SeededRowSampler(seeds, decoding.temperature, decoding.top_p, top_k, loaded.model.device))
     kwargs["logits_processor"] = processors
     return kwargs
@@ -235,7 +302,7 @@ class HFOptimizer:
         self._state: State = "loading"
         self._detail = f"loading {target}"
         self._loaded: LoadedModel | None = None
-        self._batcher: DynamicBatcher[GenerationRequest, str] | None = None
+        self._batcher: DynamicBatcher[GenerationRequest, Generated] | None = None
         self._load_task: asyncio.Task[None] | None = None
 
     @property
@@ -263,8 +330,8 @@ class HFOptimizer:
         batcher = self._batcher
         if batcher is None:
             raise OptimizerUnavailable(f"hf optimizer is {self._state}: {self._detail}")
-        rewrite = await batcher.submit(GenerationRequest(text, mode))
-        return Rewrite(rewrite, self._identity)
+        generated = await batcher.submit(GenerationRequest(text, mode))
+        return Rewrite(generated.text, self._identity, truncated=generated.truncated)
 
     async def close(self) -> None:
         if self._load_task is not None and not self._load_task.done():

@@ -1,9 +1,10 @@
-"""Per-row decoding pieces ``generate`` lacks: minimum length, seeded sampling and abandoned rows."""
+"""Per-row decoding pieces ``generate`` lacks: minimum length, seeded sampling, budgets and abandoned rows."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import (
@@ -13,6 +14,9 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+# What generate() samples with when neither the call nor the model's generation config names a top-k.
+FALLBACK_TOP_K = 50
 
 
 def row_seed(seed: int, mode: str, text: str) -> int:
@@ -69,13 +73,45 @@ class SeededRowSampler(LogitsProcessor):
         return only_chosen.scatter_(1, chosen, 0.0)  # type: ignore[return-value]
 
 
-class AbandonedRows(StoppingCriteria):
-    """Ends a row whose caller gave up (or the whole batch at shutdown), so the worker frees up early."""
+def effective_top_k(generation_config: Any) -> int | None:
+    """The top-k an unseeded ``generate`` would use: the model's, else transformers' own default.
 
-    def __init__(self, abandoned: Callable[[int], bool], rows: int) -> None:
+    transformers 5 leaves unset fields None in the model's config and fills them in at ``generate``;
+    4.x stores 50 in the config itself. Either way the seeded sampler must match the unseeded one.
+    """
+    top_k = getattr(generation_config, "top_k", None)
+    if top_k is None:
+        defaults = getattr(type(generation_config), "_get_default_generation_params", None)
+        top_k = defaults().get("top_k", FALLBACK_TOP_K) if callable(defaults) else FALLBACK_TOP_K
+    return int(top_k) if top_k else None
+
+
+class RowStops(StoppingCriteria):
+    """Ends each row on its own: at a stop token, at its own token budget, or when its caller gave up.
+
+    It keeps what ``generate`` does not say: how many tokens each row produced before it ended, and
+    whether it was cut (``truncated``: budget spent, or abandoned) rather than stopping by itself.
+    """
+
+    def __init__(self, prompt_length: int, budgets: Sequence[int], stop_ids: Sequence[int],
+                 abandoned: Callable[[int], bool]) -> None:
+        self.prompt_length = prompt_length
+        self.budgets = list(budgets)
+        self.stop_ids = set(stop_ids)
         self.abandoned = abandoned
-        self.rows = rows
+        self.lengths: list[int | None] = [None] * len(self.budgets)
+        self.truncated = [False] * len(self.budgets)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        done = [self.abandoned(row) for row in range(self.rows)]
+        generated = input_ids.shape[1] - self.prompt_length
+        last = input_ids[:, -1].tolist()
+        for row, budget in enumerate(self.budgets):
+            if self.lengths[row] is not None:
+                continue
+            if last[row] in self.stop_ids:
+                self.lengths[row] = generated
+            elif generated >= budget or self.abandoned(row):
+                # Cut short either way: a row ended at shutdown is no more a whole rewrite than one over budget.
+                self.lengths[row], self.truncated[row] = generated, True
+        done = [length is not None for length in self.lengths]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]

@@ -22,7 +22,7 @@ from optimizer.base import (
     State,
 )
 from optimizer.identity import format_identity, short_hash
-from optimizer.template import DECODING, clean_output
+from optimizer.template import DECODING, clean_output, estimate_tokens, token_budget
 
 log = logging.getLogger("bpo.optimizer.llm")
 
@@ -99,7 +99,8 @@ class LLMOptimizer:
         decoding = DECODING[mode]
         kwargs: dict[str, Any] = {
             "model": self.model, "messages": messages_for(text, mode), "temperature": decoding.temperature,
-            "top_p": decoding.top_p, "max_tokens": self.options.max_new_tokens,
+            "top_p": decoding.top_p,
+            "max_tokens": token_budget(estimate_tokens(text), self.options.max_new_tokens),
             "timeout": self.options.request_timeout, "num_retries": 0,
         }
         if self.options.seed is not None:
@@ -110,10 +111,13 @@ class LLMOptimizer:
             kwargs["api_base"] = self.api_base
         try:
             response = await self._litellm.acompletion(**kwargs)
-            answer = response.choices[0].message.content or ""
+            choice = response.choices[0]
+            answer = choice.message.content or ""
         except Exception as exc:  # litellm's provider errors are translated here, at the one boundary
             raise OptimizerError(f"llm:{self.model} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        return Rewrite(clean_output(unwrap(answer), mode), self._identity)
+        # litellm maps every provider's "ran out of tokens" (Anthropic's max_tokens too) to "length".
+        truncated = getattr(choice, "finish_reason", None) == "length"
+        return Rewrite(clean_output(unwrap(answer), mode), self._identity, truncated=truncated)
 
     async def _load(self) -> None:
         from optimizer.litellm_loader import load_litellm

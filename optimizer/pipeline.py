@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from optimizer.base import Mode, Optimizer, OptimizerError, OptimizerUnavailable
+from optimizer.base import Mode, Optimizer, OptimizerBusy, OptimizerError, OptimizerUnavailable
 from optimizer.cache import CachedRewrite, RewriteCache, cache_key
 from optimizer.guard import check_rewrite
 
@@ -22,6 +22,10 @@ TOO_LONG, TIMEOUT, OPTIMIZER_ERROR, OPTIMIZER_UNAVAILABLE = (
     "too-long", "timeout", "optimizer-error", "optimizer-unavailable")
 GUARD_REJECTED: Final = "guard-rejected"
 UNCHANGED: Final = "unchanged"
+# The rewrite stopped on its token budget, not by itself: its end (often the question) may be missing.
+TRUNCATED: Final = "truncated"
+# The optimizer's queue could not have finished within the deadline: sent on at once, not after it.
+BUSY: Final = "busy"
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON readers pair valid escapes: what is left is lone
 
 
@@ -77,6 +81,8 @@ class RewritePipeline:
         # Failures are not cached, so the cache took no part: "off", not a "miss" that promises a later hit.
         except OptimizerUnavailable:
             return Outcome(text, False, OPTIMIZER_UNAVAILABLE, "off", optimizer)
+        except OptimizerBusy:
+            return Outcome(text, False, BUSY, "off", optimizer)
         except OptimizerError as exc:
             log.warning("optimizer failed: %s", exc)
             return self._fail_open(text, OPTIMIZER_ERROR, "off", optimizer, "optimizer")
@@ -102,6 +108,9 @@ class RewritePipeline:
         rewrite = await self.optimizer.optimize(text, mode)
         # The backend from the identity of the call, so a hot reload to another backend is labelled right.
         self._on_seconds(rewrite.optimizer.partition(":")[0], time.perf_counter() - started)
+        if rewrite.truncated:
+            log.info("dropped a rewrite cut at its token budget")
+            return CachedRewrite("", TRUNCATED, rewrite.optimizer, time.time())
         candidate = well_formed(rewrite.text).strip()
         if not candidate or candidate == text.strip():
             return CachedRewrite("", UNCHANGED, rewrite.optimizer, time.time())

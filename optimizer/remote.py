@@ -19,7 +19,15 @@ from optimizer.base import (
     State,
 )
 from optimizer.identity import remote_identity
-from optimizer.template import BANNED_STRINGS, DECODING, build_prompt, clean_output
+from optimizer.template import (
+    BANNED_STRINGS,
+    DECODING,
+    build_prompt,
+    clean_output,
+    estimate_tokens,
+    min_new_tokens,
+    token_budget,
+)
 
 log = logging.getLogger("bpo.optimizer.remote")
 
@@ -29,8 +37,6 @@ PROBE_MIN_SECONDS, PROBE_MAX_SECONDS = 0.5, 30.0
 # While rewrites flow, /v1/models is read again this often, so the identity follows a server restarted
 # under a new name or model path even when no request saw it go down.
 IDENTITY_REFRESH_SECONDS = 60.0
-# Tokens per word is about 4/3 for Llama tokenizers on English; the server does not tell us its count.
-TOKENS_PER_WORD = 4 / 3
 # vLLM / SGLang sampling fields that OpenAI's schema lacks; a strict server names one when it refuses it.
 EXTRA_FIELDS = ("min_tokens", "bad_words")
 
@@ -73,10 +79,13 @@ def completion_body(model: str, text: str, mode: Mode, options: OptimizerOptions
     ``bad_words``); servers that reject them get the plain body (see ``RemoteOptimizer``).
     """
     decoding = DECODING[mode]
+    # The server does not tell us its token count; the estimate sizes the budget and aggressive's minimum.
+    prompt_tokens = estimate_tokens(text)
+    budget = token_budget(prompt_tokens, options.max_new_tokens)
     body: dict[str, Any] = {
         "model": model,
         "prompt": build_prompt(text),
-        "max_tokens": options.max_new_tokens,
+        "max_tokens": budget,
         "temperature": decoding.temperature,
         "top_p": decoding.top_p,
         "n": 1,
@@ -86,11 +95,18 @@ def completion_body(model: str, text: str, mode: Mode, options: OptimizerOptions
         body["seed"] = options.seed
     if decoding.stop_at_newline:
         body["stop"] = ["\n"]
-    if extras and decoding.min_extra_tokens is not None:
-        estimated_prompt_tokens = round(len(text.split()) * TOKENS_PER_WORD)
-        body["min_tokens"] = min(estimated_prompt_tokens + decoding.min_extra_tokens, options.max_new_tokens)
+    minimum = min_new_tokens(prompt_tokens, mode)
+    if extras and minimum is not None:
+        # Below the budget, or the server could only stop on it; a prompt too long for both is never sent.
+        body["min_tokens"] = min(minimum, budget - 1)
         body["bad_words"] = list(BANNED_STRINGS)
     return body
+
+
+def hopeless(text: str, mode: Mode, cap: int) -> bool:
+    """Aggressive mode's minimum does not fit under the cap: the rewrite could only end cut, so skip it."""
+    minimum = min_new_tokens(estimate_tokens(text), mode)
+    return minimum is not None and minimum >= token_budget(estimate_tokens(text), cap)
 
 
 class RemoteOptimizer:
@@ -150,13 +166,18 @@ class RemoteOptimizer:
         if asyncio.get_running_loop().time() >= self._refresh_at:
             self._start_probe()  # in the background: this rewrite goes on under the identity known now
         identity = self._identity
+        if hopeless(text, mode, self.options.max_new_tokens):
+            return Rewrite("", identity, truncated=True)
         body = completion_body(self._model, text, mode, self.options, self._extras)
         payload = await self._post_completion(body)
         try:
-            generated = str(payload["choices"][0]["text"])
+            choice = payload["choices"][0]
+            generated = str(choice["text"])
         except (KeyError, IndexError, TypeError) as exc:
             raise OptimizerError(f"{self.base_url}/completions answered without choices[0].text") from exc
-        return Rewrite(clean_output(generated, mode), identity)
+        # "length": the server stopped at max_tokens, not at EOS or a stop string.
+        truncated = isinstance(choice, dict) and choice.get("finish_reason") == "length"
+        return Rewrite(clean_output(generated, mode), identity, truncated=truncated)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from optimizer.base import Mode
+from optimizer.guard import MAX_LENGTH_FLOOR_WORDS, MAX_LENGTH_RATIO
 
 TEMPLATE = (
     "[INST] You are an expert prompt engineer. Please help me improve this prompt to get a more "
@@ -16,7 +18,13 @@ TEMPLATE_VERSION = "1"
 
 # Aggressive decoding must never emit the critic's protection markers.
 BANNED_STRINGS = ("[PROTECT]", "[KEEP", "[INSTRUCTION]")
-_LEAKED_TAIL = re.compile(r"\s*\[(?:KE|INS|PRO)[^\]]*\]?\s*$")
+# The reference cuts an aggressive rewrite at the first of these, wherever it appears.
+_LEAKED_MARKER = re.compile(r"\[(?:KE|INS|PRO)")
+# A rewrite may run to 6x its prompt (the guard's bound, where the reference rewrites end); short prompts
+# grow to a few dozen words, so the budget never drops under two tokens per word of that floor.
+MIN_BUDGET_TOKENS = 2 * MAX_LENGTH_FLOOR_WORDS
+# Tokens per word is about 4/3 for Llama-style tokenizers on English, for backends that cannot count.
+TOKENS_PER_WORD = 4 / 3
 
 
 @dataclass(frozen=True)
@@ -36,15 +44,31 @@ DECODING: dict[str, Decoding] = {
 }
 
 
+def token_budget(prompt_tokens: int, cap: int) -> int:
+    """The most new tokens one rewrite may take: room for 6x its prompt, never less than the floor, capped."""
+    return max(1, min(cap, max(MIN_BUDGET_TOKENS, math.ceil(MAX_LENGTH_RATIO * prompt_tokens))))
+
+
+def min_new_tokens(prompt_tokens: int, mode: Mode) -> int | None:
+    """Aggressive mode's minimum: the prompt's tokens *with* special tokens (BOS), plus 5, as the reference."""
+    extra = DECODING[mode].min_extra_tokens
+    return None if extra is None else prompt_tokens + extra
+
+
+def estimate_tokens(text: str) -> int:
+    """A token count for backends whose tokenizer lives elsewhere (remote:, llm:), with one for BOS."""
+    return round(len(text.split()) * TOKENS_PER_WORD) + 1
+
+
 def build_prompt(text: str) -> str:
     """The optimizer's input for a user prompt."""
     return TEMPLATE.format(prompt=text)
 
 
 def clean_output(generated: str, mode: Mode) -> str:
-    """Turn raw generated text into the rewrite: trim, cut at newline (aggressive), drop leaked markers."""
+    """Turn raw generated text into the rewrite: trim; aggressive: cut at the newline and at the first marker."""
     text = generated.strip()
     if mode == "aggressive":
-        text = text.split("\n", 1)[0].strip()
-        text = _LEAKED_TAIL.sub("", text).strip()
+        text = text.split("\n", 1)[0]
+        text = _LEAKED_MARKER.split(text, maxsplit=1)[0].strip()
     return text

@@ -61,7 +61,8 @@ class Settings:
                                        "silence inside a stream (else it ends with an error event)")
     optimizer: str = _opt("hf:THUDM/BPO", "optimizer spec: none | hf:PATH_OR_HUB_ID | remote:BASE_URL | llm:MODEL")
     optimizer_timeout: float = _opt(3.0, "deadline in seconds for one rewrite; past it the original is sent")
-    optimizer_max_new_tokens: int = _opt(256, "longest rewrite, in tokens")
+    optimizer_max_new_tokens: int = _opt(
+        1024, "cap on a rewrite's tokens; each rewrite's budget is 6x its prompt (at least 128) up to this")
     optimizer_max_batch_size: int = _opt(8, "most prompts generated together in one batch")
     optimizer_max_wait_ms: float = _opt(5.0, "longest a prompt waits for its batch to fill, in ms")
     optimizer_seed: int | None = _opt(None, "seed for reproducible rewrites")

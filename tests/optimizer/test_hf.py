@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from optimizer.base import Optimizer, OptimizerOptions, OptimizerUnavailable
-from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, prepare_loaded
-from optimizer.hf_decoding import RowMinNewTokens
+from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, model_source, prepare_loaded
+from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, effective_top_k
 from optimizer.registry import build_optimizer
-from optimizer.template import BANNED_STRINGS
+from optimizer.template import BANNED_STRINGS, MIN_BUDGET_TOKENS, token_budget
 from training.manifest import Manifest, write_manifest
 
 OPTIONS = OptimizerOptions(max_new_tokens=24, max_batch_size=8, max_wait_ms=50)
@@ -130,8 +130,10 @@ async def test_aggressive_mode_settings_reach_generate(recorded: tuple[HFOptimiz
     decoded = {loaded.tokenizer.decode(ids).strip() for ids in kwargs["bad_words_ids"]}
     assert decoded == set(BANNED_STRINGS)
     (minimum,) = [p for p in kwargs["logits_processor"] if isinstance(p, RowMinNewTokens)]
-    prompt_tokens = len(loaded.tokenizer("Tell me about black holes.", add_special_tokens=False).input_ids)
-    assert minimum.minimums.tolist() == [prompt_tokens + 5]
+    # The reference counts the prompt as the tokenizer encodes it, BOS included: one more than the bare text.
+    with_bos = len(loaded.tokenizer("Tell me about black holes.").input_ids)
+    assert with_bos == len(loaded.tokenizer("Tell me about black holes.", add_special_tokens=False).input_ids) + 1
+    assert minimum.minimums.tolist() == [with_bos + 5]
 
 
 def favour_token(token_id: int) -> Callable[[Any, Any], None]:
@@ -158,7 +160,7 @@ async def test_aggressive_forces_prompt_length_plus_five_then_stops_at_newline(t
     aggressive_call, stable_call = model_class.calls
     generated = aggressive_call["sequences"][:, aggressive_call["prompt_length"]:]
     for row, text in enumerate(texts):
-        minimum = len(tokenizer(text, add_special_tokens=False).input_ids) + 5
+        minimum = len(tokenizer(text).input_ids) + 5
         tokens = generated[row].tolist()
         # A model that always wants a newline is held off until the minimum, then stops on the newline.
         assert newline not in tokens[:minimum]
@@ -166,7 +168,7 @@ async def test_aggressive_forces_prompt_length_plus_five_then_stops_at_newline(t
         assert "\n" not in aggressive[row].text and aggressive[row].text
     # Stable mode neither forces a length nor stops at newlines: the model's newlines fill the budget.
     stable_tokens = stable_call["sequences"][0, stable_call["prompt_length"]:].tolist()
-    assert stable_tokens == [newline] * 40 and stable.text == ""
+    assert stable_tokens == [newline] * 40 and stable.text == "" and stable.truncated
 
 
 async def test_concurrent_requests_are_generated_together(tiny_model_dir: Path) -> None:
@@ -286,3 +288,95 @@ def test_banned_word_ids_cover_both_word_positions(tiny_model_dir: Path) -> None
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     decoded = [tokenizer.decode(ids) for ids in banned_word_ids(tokenizer)]
     assert set(decoded) == {*BANNED_STRINGS, *(" " + s for s in BANNED_STRINGS)}
+
+
+def steer_eos(eos: int, end: bool) -> Callable[[Any, Any], None]:
+    """Make the random model end at once (``end``) or never."""
+    def bias(logits: Any, config: Any) -> None:
+        logits[..., eos] = 100.0 if end else -float("inf")
+
+    return bias
+
+
+async def test_a_rewrite_cut_at_its_budget_is_marked_truncated(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    results = {}
+    for end in (False, True):
+        model_class = recording_class(steer_eos(eos, end))
+        optimizer = await ready(HFOptimizer(str(tiny_model_dir), OPTIONS, loader=loader_for(model_class)))
+        try:
+            results[end] = await optimizer.optimize("Tell me about black holes.", "stable")
+        finally:
+            await optimizer.close()
+    assert results[False].truncated and results[False].text  # 24 tokens of text, but cut: never to be used
+    assert not results[True].truncated
+
+
+async def test_each_row_gets_a_budget_sized_from_its_prompt(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model_class = recording_class(steer_eos(tokenizer.eos_token_id, end=False))
+    options = replace(OPTIONS, max_new_tokens=400, max_wait_ms=300)
+    optimizer = await ready(HFOptimizer(str(tiny_model_dir), options, loader=loader_for(model_class)))
+    texts = ["Hi.", " ".join(["Tell me about black holes and the stars around them."] * 3)]
+    try:
+        rewrites = await asyncio.gather(*(optimizer.optimize(t, "stable") for t in texts))
+    finally:
+        await optimizer.close()
+    budgets = [token_budget(len(tokenizer(t).input_ids), 400) for t in texts]
+    assert budgets[0] == MIN_BUDGET_TOKENS < budgets[1] <= 400  # 6x a long prompt, the floor for a short one
+    assert all(r.truncated for r in rewrites)
+    (call,) = model_class.calls
+    assert call["kwargs"]["max_new_tokens"] == budgets[1]
+    generated = call["sequences"][:, call["prompt_length"]:].tolist()
+    # The short row stopped at its own budget: padding after it while the long row went on to its own.
+    assert set(generated[0][budgets[0]:]) == {tokenizer.pad_token_id}
+    assert len(generated[1]) == budgets[1] and tokenizer.pad_token_id not in generated[1][budgets[0]:budgets[0] + 8]
+
+
+async def test_aggressive_prompt_whose_minimum_exceeds_the_cap_is_not_generated(tiny_model_dir: Path) -> None:
+    model_class = recording_class()
+    options = replace(OPTIONS, max_new_tokens=8)
+    optimizer = await ready(HFOptimizer(str(tiny_model_dir), options, loader=loader_for(model_class)))
+    try:
+        # Before: the minimum was capped at the budget, so every long aggressive prompt came back cut.
+        rewrite = await optimizer.optimize("Summarise the history of the Roman Empire in detail.", "aggressive")
+    finally:
+        await optimizer.close()
+    assert rewrite.truncated and rewrite.text == "" and model_class.calls == []
+
+
+def test_seeded_sampler_keeps_the_top_k_unseeded_generate_uses() -> None:
+    from transformers import GenerationConfig
+
+    # transformers 5 leaves top_k unset in a model's config and applies 50 inside generate().
+    assert effective_top_k(GenerationConfig()) == 50
+    assert effective_top_k(GenerationConfig(top_k=7)) == 7
+    assert effective_top_k(GenerationConfig(top_k=0)) is None
+
+
+async def test_seeded_generate_samples_with_top_k(tiny_model_dir: Path) -> None:
+    from transformers import TopKLogitsWarper
+
+    model_class = recording_class()
+    options = replace(OPTIONS, seed=7)
+    optimizer = await ready(HFOptimizer(str(tiny_model_dir), options, loader=loader_for(model_class)))
+    try:
+        await optimizer.optimize("Tell me about black holes.", "stable")
+    finally:
+        await optimizer.close()
+    (sampler,) = [p for p in model_class.calls[0]["kwargs"]["logits_processor"] if isinstance(p, SeededRowSampler)]
+    (top_k,) = [w for w in sampler.warpers if isinstance(w, TopKLogitsWarper)]
+    assert top_k.top_k == 50
+
+
+def test_model_source_reads_gguf_files_dirs_and_hub_ids(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert model_source(str(gguf)) == (str(tmp_path), "m.Q4_1.gguf")
+    assert model_source(str(tmp_path)) == (str(tmp_path), None)
+    assert model_source("owner/repo-GGUF/sub/m.gguf") == ("owner/repo-GGUF", "sub/m.gguf")
+    assert model_source("THUDM/BPO") == ("THUDM/BPO", None)

@@ -10,7 +10,7 @@ import pytest
 from optimizer.base import Optimizer, OptimizerError, OptimizerOptions, OptimizerUnavailable
 from optimizer.llm import INSTRUCTION, LLMOptimizer, unwrap
 from optimizer.registry import build_optimizer
-from tests.fakes.upstream import FakeUpstream, Reply, chat_reply
+from tests.fakes.upstream import FakeUpstream, Recorded, Reply, chat_reply
 
 OPTIONS = OptimizerOptions(max_new_tokens=200, api_key="sk-test", request_timeout=5.0)
 
@@ -38,7 +38,8 @@ async def test_stable_rewrite_asks_the_chat_model_with_the_instruction(
     (request,) = upstream.requests_to("/v1/chat/completions")
     body = request.json
     assert body["model"] == "bpo-fake"
-    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.6, 0.9, 200)
+    # The budget is sized from the prompt (6x, at least 128 tokens), under the 200-token cap.
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.6, 0.9, 128)
     assert body["messages"][0] == {"role": "system", "content": INSTRUCTION}
     assert body["messages"][1]["content"].endswith("\nTell me about black holes.")
     assert request.headers["authorization"] == "Bearer sk-test"
@@ -79,3 +80,15 @@ async def test_unavailable_until_litellm_is_imported() -> None:
 )
 def test_unwrap_keeps_the_prompt_only(answer: str, prompt: str) -> None:
     assert unwrap(answer) == prompt
+
+
+async def test_an_answer_cut_at_max_tokens_is_marked_truncated(llm: LLMOptimizer, upstream: FakeUpstream) -> None:
+    def cut(recorded: Recorded) -> Reply:
+        reply = chat_reply(recorded.json, "Explain what black holes are and how")
+        reply.json["choices"][0]["finish_reason"] = "length"
+        return reply
+
+    upstream.responders["/v1/chat/completions"] = cut
+    assert (await llm.optimize("Tell me about black holes.", "stable")).truncated
+    answer_with(upstream, "Explain what black holes are.")
+    assert not (await llm.optimize("Tell me about black holes.", "stable")).truncated

@@ -12,7 +12,7 @@ from optimizer.base import Optimizer, OptimizerError, OptimizerOptions, Optimize
 from optimizer.identity import remote_identity
 from optimizer.registry import build_optimizer
 from optimizer.remote import RemoteOptimizer, normalize_base_url, rejects_extras
-from optimizer.template import BANNED_STRINGS, build_prompt
+from optimizer.template import BANNED_STRINGS, MIN_BUDGET_TOKENS, build_prompt
 from tests.fakes.upstream import FakeUpstream, Recorded, Reply, completion_reply, free_port
 
 OPTIONS = OptimizerOptions(max_new_tokens=128, remote_model="bpo-fake", request_timeout=2.0)
@@ -85,8 +85,8 @@ async def test_aggressive_rewrite_stops_at_newline_and_cleans_leaked_markers(ups
     assert rewrite.text == "Explain black holes clearly"
     (body,) = completion_bodies(upstream)
     assert (body["temperature"], body["top_p"], body["stop"], body["seed"]) == (0.9, 0.9, ["\n"], 7)
-    # prompt tokens (estimated from 6 words) + 5, as the reference forces at least that many
-    assert body["min_tokens"] == 13
+    # prompt tokens (estimated from 6 words, plus BOS as the reference counts it) + 5
+    assert body["min_tokens"] == 14
     assert body["bad_words"] == list(BANNED_STRINGS)
 
 
@@ -327,3 +327,43 @@ async def test_cancelled_rewrite_leaves_the_backend_usable(remote: RemoteOptimiz
         await task
     upstream.responders.clear()
     assert (await remote.optimize("fast", "stable")).text.startswith("fast ")
+
+
+def length_cut(upstream: FakeUpstream, text: str) -> None:
+    def reply(recorded: Recorded) -> Reply:
+        answer = completion_reply(recorded.json, lambda prompt: text)
+        answer.json["choices"][0]["finish_reason"] = "length"
+        return answer
+
+    upstream.responders["/v1/completions"] = reply
+
+
+async def test_a_completion_cut_at_max_tokens_is_marked_truncated(remote: RemoteOptimizer,
+                                                                   upstream: FakeUpstream) -> None:
+    length_cut(upstream, "Tell me about the Argonautica; E")
+    rewrite = await remote.optimize("Tell me about the Argonautica; Explain why Jason sailed.", "stable")
+    assert rewrite.truncated
+    upstream.responders.pop("/v1/completions")
+    assert not (await remote.optimize("Tell me about black holes.", "stable")).truncated
+
+
+async def test_max_tokens_is_sized_from_the_prompt(upstream: FakeUpstream) -> None:
+    optimizer = await started(upstream.base_url, replace(OPTIONS, max_new_tokens=1024))
+    try:
+        await optimizer.optimize("Hi there.", "stable")
+        await optimizer.optimize(" ".join(["word"] * 90), "aggressive")
+    finally:
+        await optimizer.close()
+    short, long = completion_bodies(upstream)
+    assert short["max_tokens"] == MIN_BUDGET_TOKENS
+    # 90 words are about 121 tokens (with BOS): room for 6x that, and the minimum stays under the budget.
+    assert long["max_tokens"] == 6 * 121 and long["min_tokens"] == 126
+
+
+async def test_aggressive_prompt_whose_minimum_exceeds_the_cap_is_not_sent(upstream: FakeUpstream) -> None:
+    optimizer = await started(upstream.base_url, replace(OPTIONS, max_new_tokens=20))
+    try:
+        rewrite = await optimizer.optimize(" ".join(["word"] * 30), "aggressive")
+    finally:
+        await optimizer.close()
+    assert rewrite.truncated and completion_bodies(upstream) == []
