@@ -54,7 +54,7 @@ class OptimizerStatus:
 class OptimizerOptions:
     """Knobs shared by the backends; each backend reads the ones that apply to it."""
 
-    # The cap on one rewrite's tokens; each rewrite's own budget is sized from its prompt (template.token_budget).
+    # The cap on one rewrite's tokens; each rewrite's own budget is sized from its prompt (budget.token_budget).
     max_new_tokens: int = 1024
     max_batch_size: int = 8
     max_wait_ms: float = 5.0

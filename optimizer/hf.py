@@ -21,14 +21,13 @@ from optimizer.base import (
     State,
 )
 from optimizer.batching import DynamicBatcher
+from optimizer.budget import min_new_tokens, token_budget
 from optimizer.identity import hf_identity
 from optimizer.template import (
     BANNED_STRINGS,
     DECODING,
     build_prompt,
     clean_output,
-    min_new_tokens,
-    token_budget,
 )
 
 log = logging.getLogger("bpo.optimizer.hf")

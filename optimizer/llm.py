@@ -21,8 +21,9 @@ from optimizer.base import (
     Rewrite,
     State,
 )
+from optimizer.budget import estimate_tokens, token_budget
 from optimizer.identity import format_identity, short_hash
-from optimizer.template import DECODING, clean_output, estimate_tokens, token_budget
+from optimizer.template import DECODING, clean_output
 
 log = logging.getLogger("bpo.optimizer.llm")
 

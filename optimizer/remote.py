@@ -18,15 +18,13 @@ from optimizer.base import (
     Rewrite,
     State,
 )
+from optimizer.budget import estimate_tokens, min_new_tokens, token_budget
 from optimizer.identity import remote_identity
 from optimizer.template import (
     BANNED_STRINGS,
     DECODING,
     build_prompt,
     clean_output,
-    estimate_tokens,
-    min_new_tokens,
-    token_budget,
 )
 
 log = logging.getLogger("bpo.optimizer.remote")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 from optimizer.base import Mode
-from optimizer.guard import MAX_LENGTH_FLOOR_WORDS, MAX_LENGTH_RATIO
 
 TEMPLATE = (
     "[INST] You are an expert prompt engineer. Please help me improve this prompt to get a more "
@@ -20,11 +18,6 @@ TEMPLATE_VERSION = "1"
 BANNED_STRINGS = ("[PROTECT]", "[KEEP", "[INSTRUCTION]")
 # The reference cuts an aggressive rewrite at the first of these, wherever it appears.
 _LEAKED_MARKER = re.compile(r"\[(?:KE|INS|PRO)")
-# A rewrite may run to 6x its prompt (the guard's bound, where the reference rewrites end); short prompts
-# grow to a few dozen words, so the budget never drops under two tokens per word of that floor.
-MIN_BUDGET_TOKENS = 2 * MAX_LENGTH_FLOOR_WORDS
-# Tokens per word is about 4/3 for Llama-style tokenizers on English, for backends that cannot count.
-TOKENS_PER_WORD = 4 / 3
 
 
 @dataclass(frozen=True)
@@ -42,22 +35,6 @@ DECODING: dict[str, Decoding] = {
     "stable": Decoding(temperature=0.6, top_p=0.9, stop_at_newline=False, min_extra_tokens=None),
     "aggressive": Decoding(temperature=0.9, top_p=0.9, stop_at_newline=True, min_extra_tokens=5),
 }
-
-
-def token_budget(prompt_tokens: int, cap: int) -> int:
-    """The most new tokens one rewrite may take: room for 6x its prompt, never less than the floor, capped."""
-    return max(1, min(cap, max(MIN_BUDGET_TOKENS, math.ceil(MAX_LENGTH_RATIO * prompt_tokens))))
-
-
-def min_new_tokens(prompt_tokens: int, mode: Mode) -> int | None:
-    """Aggressive mode's minimum: the prompt's tokens *with* special tokens (BOS), plus 5, as the reference."""
-    extra = DECODING[mode].min_extra_tokens
-    return None if extra is None else prompt_tokens + extra
-
-
-def estimate_tokens(text: str) -> int:
-    """A token count for backends whose tokenizer lives elsewhere (remote:, llm:), with one for BOS."""
-    return round(len(text.split()) * TOKENS_PER_WORD) + 1
 
 
 def build_prompt(text: str) -> str:

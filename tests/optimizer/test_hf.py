@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from optimizer.base import Optimizer, OptimizerOptions, OptimizerUnavailable
+from optimizer.budget import MIN_BUDGET_TOKENS, token_budget
 from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, model_source, prepare_loaded
 from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, effective_top_k
 from optimizer.registry import build_optimizer
-from optimizer.template import BANNED_STRINGS, MIN_BUDGET_TOKENS, token_budget
+from optimizer.template import BANNED_STRINGS
 from training.manifest import Manifest, write_manifest
 
 OPTIONS = OptimizerOptions(max_new_tokens=24, max_batch_size=8, max_wait_ms=50)

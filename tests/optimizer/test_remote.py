@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 
 from optimizer.base import Optimizer, OptimizerError, OptimizerOptions, OptimizerUnavailable
+from optimizer.budget import MIN_BUDGET_TOKENS
 from optimizer.identity import remote_identity
 from optimizer.registry import build_optimizer
 from optimizer.remote import RemoteOptimizer, normalize_base_url, rejects_extras
-from optimizer.template import BANNED_STRINGS, MIN_BUDGET_TOKENS, build_prompt
+from optimizer.template import BANNED_STRINGS, build_prompt
 from tests.fakes.upstream import FakeUpstream, Recorded, Reply, completion_reply, free_port
 
 OPTIONS = OptimizerOptions(max_new_tokens=128, remote_model="bpo-fake", request_timeout=2.0)

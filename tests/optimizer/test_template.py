@@ -1,10 +1,11 @@
-"""The template's pure pieces: output cleaning, token budgets and aggressive mode's minimum length."""
+"""The pure pieces of decoding: output cleaning (template.py), token budgets and minimum length (budget.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from optimizer.template import MIN_BUDGET_TOKENS, clean_output, estimate_tokens, min_new_tokens, token_budget
+from optimizer.budget import MIN_BUDGET_TOKENS, estimate_tokens, min_new_tokens, token_budget
+from optimizer.template import clean_output
 
 
 @pytest.mark.parametrize(("generated", "expected"), [
