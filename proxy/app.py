@@ -101,7 +101,7 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
             max_chars=settings.max_prompt_chars,
             on_optimizer_seconds=lambda backend, seconds: metrics.optimizer_seconds.labels(backend).observe(seconds),
             on_fail_open=lambda component: metrics.fail_open.labels(component=component).inc())
-        providers = LiteLLMForwarder()
+        providers = LiteLLMForwarder(settings.upstream_timeout, on_broken_stream=metrics.broken_stream)
         state.shadow = ShadowJudge(settings, metrics, state.events,
                                    ForwardingControlClient(settings, state.http, providers))
         state.access_log = AccessLog() if settings.access_log and settings.log_level in ("debug", "info") else None

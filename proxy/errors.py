@@ -65,6 +65,14 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
+class UpstreamBadResponse(ProxyError):
+    """The provider answered, but not in a form that could be read."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_bad_response"
+
+
 class UpstreamStreamBroken(ProxyError):
     """A stream that started well and then broke: sent in-band (``error_event``), the status already gone."""
 

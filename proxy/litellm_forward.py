@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -12,7 +13,15 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from optimizer.litellm_loader import load_litellm
-from proxy.errors import InvalidRequest, UpstreamError, UpstreamUnreachable, error_body
+from proxy.errors import (
+    InvalidRequest,
+    ProxyError,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_event,
+)
 from proxy.forward import Exchange, Target
 
 log = logging.getLogger("bpo.forward")
@@ -40,20 +49,75 @@ def client_settable(field: str, litellm: Any) -> bool:
                 or any(word in lowered for word in ("api_key", "secret", "token_file", "credential")))
 
 
-def _as_proxy_error(exc: Exception) -> UpstreamError | UpstreamUnreachable:
+# litellm wraps a provider's failure two to five exceptions deep and names its own outermost one after the
+# status it guessed (a refused connection and an unreadable answer both become "InternalServerError", 500).
+# The cause chain tells what happened; classes are matched by name so the proxy imports no provider SDK.
+_TIMEOUTS = frozenset({"TimeoutError", "TimeoutException", "APITimeoutError", "Timeout"})
+_ANSWERED = frozenset({"HTTPStatusError"})  # the provider answered with this status
+_UNREACHABLE = frozenset({"ConnectionError", "ConnectError", "TransportError", "APIConnectionError",
+                          "ClientConnectionError"})
+MAX_MESSAGE_CHARS = 1000
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception it was raised from or during, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _named(exceptions: list[BaseException], names: frozenset[str]) -> bool:
+    return any(cls.__name__ in names for exc in exceptions for cls in type(exc).__mro__)
+
+
+def _retry_after(chain: list[BaseException]) -> str | None:
+    """The provider's Retry-After, from whichever exception in the chain kept its response."""
+    for exc in chain:
+        value = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
+        if value:
+            return str(value)
+    return None
+
+
+def provider_message(exc: BaseException) -> str:
+    """litellm's message for an error the provider answered: no traceback, no source path, bounded."""
+    message = str(getattr(exc, "message", None) or exc).split("Traceback (most recent call last)")[0]
+    lines = [line.strip() for line in message.splitlines() if not line.lstrip().startswith('File "')]
+    return " ".join(line for line in lines if line)[:MAX_MESSAGE_CHARS] or "The provider refused the request."
+
+
+def as_proxy_error(exc: BaseException, timeout: float) -> ProxyError:
+    """A litellm failure as the fast path would answer it: 504, the provider's status, 502."""
+    chain = _causes(exc)
     status = getattr(exc, "status_code", None)
-    message = str(getattr(exc, "message", None) or exc)
-    if isinstance(status, int) and 400 <= status < 600:
-        headers = {}
-        retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
-        if retry_after:
-            headers["retry-after"] = str(retry_after)
-        return UpstreamError(status, message, code=type(exc).__name__, headers=headers)
-    return UpstreamUnreachable(f"The provider call failed: {message}")
+    if _named(chain, _TIMEOUTS):
+        return UpstreamTimeout(f"The provider did not answer within {timeout:g} s (--upstream-timeout).")
+    if isinstance(status, int) and 400 <= status < 600 and (_named(chain[1:], _ANSWERED) or status < 500):
+        # The provider's own answer (or litellm refusing the request before sending it): its status stays.
+        retry_after = _retry_after(chain)
+        return UpstreamError(status, provider_message(exc), code=type(exc).__name__,
+                             headers={"retry-after": retry_after} if retry_after else None)
+    if _named(chain[1:], _UNREACHABLE):
+        return UpstreamUnreachable("The provider could not be reached.")
+    # An answer litellm could not read. Its text may quote the provider's body (and so the prompt): only
+    # the exception classes are logged.
+    log.warning("unreadable provider answer: %s", " <- ".join(type(e).__name__ for e in chain))
+    return UpstreamBadResponse("The provider's answer could not be read.")
 
 
 class LiteLLMForwarder:
-    """Calls ``litellm.acompletion`` with the route's params; litellm is imported on first use."""
+    """Calls ``litellm.acompletion`` with the route's params; litellm is imported on first use.
+
+    ``timeout`` (``--upstream-timeout``) bounds a plain answer and each silence inside a stream, as on the
+    fast path; litellm's own default would be 6000 s. ``on_broken_stream`` as for ``HttpForwarder``.
+    """
+
+    def __init__(self, timeout: float, on_broken_stream: Callable[[str], None] | None = None) -> None:
+        self.timeout = timeout
+        self._on_broken_stream = on_broken_stream
 
     async def forward(self, target: Target, body: Mapping[str, Any], exchange: Exchange,
                       extra_headers: Mapping[str, str],
@@ -66,15 +130,18 @@ class LiteLLMForwarder:
             raise InvalidRequest(f"{', '.join(refused)}: provider settings cannot be set in a request; "
                                  "they belong to the gateway's model_list.",
                                  param=refused[0], code="unsupported_parameter")
-        params = {k: v for k, v in target.params.items() if k != "model"}
+        # No retries behind the client's back (its SDK retries, as on the fast path); a route may say otherwise.
+        params = {"timeout": self.timeout, "num_retries": 0, "max_retries": 0,
+                  **{k: v for k, v in target.params.items() if k != "model"}}
         if target.api_key:
             params["api_key"] = target.api_key
         started = time.perf_counter()
         try:
-            result = await litellm.acompletion(model=target.model, messages=body["messages"], stream=stream,
-                                               **{**kwargs, **params})
+            async with asyncio.timeout(self.timeout):
+                result = await litellm.acompletion(model=target.model, messages=body["messages"], stream=stream,
+                                                   **{**kwargs, **params})
         except Exception as exc:  # translated at this one boundary into OpenAI-shaped errors
-            raise _as_proxy_error(exc) from exc
+            raise as_proxy_error(exc, self.timeout) from exc
         exchange.status = 200
         exchange.upstream_seconds = time.perf_counter() - started
         if stream:
@@ -88,18 +155,21 @@ class LiteLLMForwarder:
 
     async def _relay(self, chunks: Any, exchange: Exchange,
                      on_done: Callable[[Exchange], None] | None) -> AsyncIterator[bytes]:
+        iterator = chunks.__aiter__()
         try:
-            async for chunk in chunks:
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):  # the longest silence, as on the fast path
+                        chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
                 data = chunk.model_dump(mode="json", exclude_none=True)
                 if data.get("usage"):
                     exchange.usage = data["usage"]
                 yield b"data: " + orjson.dumps(data) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except Exception as exc:  # mid-stream provider error: tell the client in-band, as OpenAI does
-            error = _as_proxy_error(exc)
-            exchange.error = error.message
-            log.warning("provider stream failed: %s", error.message)
-            yield b"data: " + error_body(error.status, error.message, error.type, None, error.code) + b"\n\n"
+            yield self._broken(as_proxy_error(exc, self.timeout), exchange)
         finally:
             # A client that went away must cancel the provider's generation too, not leave it to the GC.
             close = getattr(chunks, "aclose", None)
@@ -108,3 +178,11 @@ class LiteLLMForwarder:
                     await close()
             if on_done is not None:
                 on_done(exchange)
+
+    def _broken(self, error: ProxyError, exchange: Exchange) -> bytes:
+        reason = {UpstreamTimeout: "idle", UpstreamUnreachable: "cut"}.get(type(error), "error")
+        exchange.error = error.message
+        log.warning("provider stream broken (%s): %s", reason, error.message)
+        if self._on_broken_stream is not None:
+            self._on_broken_stream(reason)
+        return error_event(error)
