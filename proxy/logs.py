@@ -26,7 +26,10 @@ def encode_record(value: Any, option: int = 0) -> bytes:
         return line + b"\n" if option & orjson.OPT_APPEND_NEWLINE else line
 
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+# Record attributes that are not fields of a line: the LogRecord's own, and markers other libraries' filters
+# set (uvicorn's color_message, litellm's litellm_redacted sentinel object).
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "color_message", "litellm_redacted"}
 
 
 class JsonFormatter(logging.Formatter):

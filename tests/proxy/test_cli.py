@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.fakes.proxy_server import REPO, ProxyProcess
-from tests.fakes.upstream import FakeUpstream, Reply
+from tests.fakes.upstream import FakeUpstream, Reply, free_port
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -120,3 +120,22 @@ def test_workers_share_the_port_and_merge_their_metrics(upstream: FakeUpstream, 
     assert sum(totals) == 20
     writers = {p.name.rsplit("_", 1)[-1].removesuffix(".db") for p in tmp_path.glob("*.db")}
     assert writers and writers <= set(workers)  # samples come from the workers' files, merged on scrape
+
+
+def test_litellm_lines_are_json_and_never_hold_the_prompt(tmp_path: Path) -> None:
+    config = tmp_path / "bpo.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: claude\n"
+        f"    litellm_params: {{model: anthropic/claude-test, api_base: 'http://127.0.0.1:{free_port()}',"
+        " api_key: sk-route-secret-7}\n")
+    proxy = ProxyProcess(["--config", str(config), "--optimizer", "none", "--log-level", "debug"]).start()
+    try:
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="k", max_retries=0)
+        with pytest.raises(openai.APIStatusError):  # the provider is unreachable: a 502, logged by litellm too
+            client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Tell a secret"}])
+    finally:
+        output = proxy.stop()
+    lines = output.splitlines()
+    assert lines and all(line.startswith("{") and json.loads(line) for line in lines), output[:2000]
+    assert "Tell a secret" not in output and "sk-route-secret-7" not in output
