@@ -1,12 +1,17 @@
 """Dynamic batching vs one-by-one rewrites, and static batching vs transformers' continuous batching.
 
-Usage: python bench/optimizer_batching.py [--model DIR] [--concurrency 8] [--new-tokens 64] [--rounds 3]
+Usage: python bench/optimizer_batching.py [--model DIR_OR_GGUF] [--concurrency 8] [--new-tokens 64] [--rounds 3]
+       python bench/optimizer_batching.py --model FILE.gguf --natural PAIRS.json [--concurrency 8] [--seed 1]
 
 Without --model it builds the tiny random Llama of the tests (tests/fakes/tiny_model.py), sized by
 --hidden / --layers. Every generation runs exactly --new-tokens tokens (EOS is masked), so the timings
 compare equal work. Prints, side by side on this device:
   1. the hf: optimizer end to end, N concurrent rewrites batched vs the same N one at a time (target >= 3x);
   2. one static ``generate`` of N prompts vs ``generate_batch`` (continuous batching), tokens/s each.
+
+``--natural PAIRS`` measures what real traffic sees instead: N real prompts of spread-out lengths (the first
+N of a pairs / prompts file, every 37th row so short and long mix), EOS not masked, seeded sampling; for one
+at a time vs N concurrent it prints the total and each caller's latency (median and worst).
 """
 
 from __future__ import annotations
@@ -117,6 +122,59 @@ def engine_tokens_per_second(model_dir: str, prompts: list[str], new_tokens: int
     return {name: statistics.median(values) for name, values in results.items()}
 
 
+def natural_prompts(path: str, count: int) -> list[str]:
+    """Prompts of the BPO release (``final_input``), a pairs file (``prompt``) or a prompts file (``text``)."""
+    import json
+
+    raw = Path(path).read_text()
+    rows = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(x) for x in raw.splitlines() if x.strip()]
+    texts = [str(r.get("final_input") or r.get("prompt") or r.get("instruction") or r.get("text")) for r in rows]
+    return [texts[(i * 37) % len(texts)] for i in range(count)]
+
+
+async def natural_latencies(model_dir: str, prompts: list[str], seed: int,
+                            batch: int) -> tuple[float, list[float], int]:
+    """(total seconds, each caller's seconds, truncated count) for the prompts sent at once."""
+    options = OptimizerOptions(max_batch_size=batch, max_wait_ms=5.0, seed=seed)
+    optimizer = HFOptimizer(model_dir, options, loader=_shared_loader)
+    await optimizer.start()
+    if (await optimizer.wait_loaded()).state != "ready":
+        raise SystemExit(f"optimizer failed to load: {optimizer.status().detail}")
+    started = time.perf_counter()
+
+    async def one(prompt: str) -> tuple[float, bool]:
+        rewrite = await optimizer.optimize(prompt, "stable")
+        return time.perf_counter() - started, rewrite.truncated
+
+    try:
+        results = await asyncio.gather(*(one(p) for p in prompts))
+    finally:
+        await optimizer.close()
+    return time.perf_counter() - started, [r[0] for r in results], sum(r[1] for r in results)
+
+
+_LOADED: dict[str, LoadedModel] = {}
+
+
+def _shared_loader(target: str, options: OptimizerOptions) -> LoadedModel:
+    if target not in _LOADED:  # a GGUF file takes a minute to dequantize: load it once for both runs
+        _LOADED[target] = load_model(target, options)
+    return _LOADED[target]
+
+
+def run_natural(model_dir: str, args: argparse.Namespace) -> None:
+    from optimizer.hf import pick_device
+
+    prompts = natural_prompts(args.natural, args.concurrency)
+    words = sorted(len(p.split()) for p in prompts)
+    print(f"device {pick_device(None)}, model {model_dir}, {len(prompts)} real prompts of {words} words, "
+          f"stable mode, seed {args.seed}, natural lengths")
+    for batch in (1, len(prompts)):
+        total, latencies, truncated = asyncio.run(natural_latencies(model_dir, prompts, args.seed, batch))
+        print(f"  max batch {batch:2d}: total {total:7.1f} s; caller latency median "
+              f"{statistics.median(latencies):6.1f} s, worst {max(latencies):6.1f} s; {truncated} truncated")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model dir or hub id (default: build the tiny test Llama)")
@@ -126,7 +184,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the built tiny model")
     parser.add_argument("--layers", type=int, default=2, help="layers of the built tiny model")
     parser.add_argument("--skip-engines", action="store_true", help="skip the static vs continuous comparison")
+    parser.add_argument("--natural", metavar="PAIRS", help="real prompts and natural lengths (see above)")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed of --natural")
     args = parser.parse_args()
+    if args.natural:
+        if not args.model:
+            raise SystemExit("--natural needs --model (a real model: the tiny one never stops by itself)")
+        run_natural(args.model, args)
+        return
     prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(args.concurrency)]
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model or _build(Path(scratch), args.hidden, args.layers)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sys
 import time
@@ -160,7 +159,7 @@ class MemoryCache:
         task, started = self._flights.join(key, lambda: self._compute_and_store(key, compute))
         if not started:
             self._on_event("hit")  # coalesced: this request costs no optimizer call of its own
-        return await asyncio.shield(task), not started
+        return await self._flights.wait(task), not started
 
     async def _compute_and_store(self, key: str, compute: Compute) -> CachedRewrite:
         self._on_event("miss")

@@ -76,7 +76,7 @@ class RewritePipeline:
             value, hit = await asyncio.wait_for(
                 self.cache.get_or_compute(key, lambda: self._compute(text, mode)), self.timeout)
         except TimeoutError:
-            # "miss": the computation goes on (shielded) and its rewrite lands in the cache for the next request.
+            # "miss": the computation goes on while another request waits for it, else it is stopped (load shedding).
             return self._fail_open(text, TIMEOUT, cache_state, optimizer, "optimizer")
         # Failures are not cached, so the cache took no part: "off", not a "miss" that promises a later hit.
         except OptimizerUnavailable:

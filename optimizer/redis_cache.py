@@ -116,6 +116,8 @@ class RedisCache:
             raise ValueError(f"--cache {self.url}: not a usable Redis URL ({exc})") from exc
         self._channel = f"{namespace}:rewrite-done"
         self._flights: SingleFlight[tuple[CachedRewrite, bool]] = SingleFlight()
+        # Keys this process is computing (not waiting on another replica for): those stop when nobody waits.
+        self._computing: set[str] = set()
         self._waiters: dict[str, asyncio.Future[CachedRewrite | None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = False
@@ -145,7 +147,7 @@ class RedisCache:
         task, started = self._flights.join(key, lambda: self._resolve(key, compute))
         if not started:
             self._on_event("hit")  # coalesced: this request costs no optimizer call of its own
-        value, computed = await asyncio.shield(task)
+        value, computed = await self._flights.wait(task, lambda: key in self._computing)
         return value, not (started and computed)
 
     def status(self) -> dict[str, Any]:
@@ -227,13 +229,15 @@ class RedisCache:
 
     async def _compute_and_share(self, key: str, compute: Compute, token: str | None) -> CachedRewrite:
         keeper = asyncio.ensure_future(self._keep_lock(key, token)) if token else None
+        self._computing.add(key)
         try:
             value = await compute()
-        except Exception:
+        except (Exception, asyncio.CancelledError):  # cancelled: every caller here gave up
             if token:  # let the waiting replicas try at once instead of at lock expiry
                 await self._swallow(self._publish_failure(key, token))
             raise
         finally:
+            self._computing.discard(key)
             if keeper is not None:
                 keeper.cancel()
         self.local.put(key, value)

@@ -13,15 +13,17 @@ T = TypeVar("T")
 
 
 class SingleFlight(Generic[T]):
-    """One running task per key; callers await it through ``asyncio.shield``.
+    """One running task per key; callers await it through :meth:`wait`.
 
     The computation runs in its own task, not in the first caller's, so a caller that is cancelled
-    (the pipeline's ``asyncio.wait_for`` deadline) never cancels the work the others wait on, and
-    whatever the task stores on success still lands.
+    (the pipeline's ``asyncio.wait_for`` deadline) never cancels the work the others wait on. When the
+    last caller gives up, nobody waits any more: the computation is cancelled, so an optimizer past its
+    deadline stops generating (load shedding) instead of running on for a cache entry nobody asked for.
     """
 
     def __init__(self) -> None:
         self._flights: dict[str, asyncio.Task[T]] = {}
+        self._waiting: dict[asyncio.Task[T], int] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -40,7 +42,20 @@ class SingleFlight(Generic[T]):
     async def run(self, key: str, start: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Await the shared computation of ``key``; returns (value, started_by_this_call)."""
         task, started = self.join(key, start)
-        return await asyncio.shield(task), started
+        return await self.wait(task), started
+
+    async def wait(self, task: asyncio.Task[T], abandon: Callable[[], bool] = lambda: True) -> T:
+        """Await ``task`` as one of its callers; the last caller to give up cancels it if ``abandon()``
+        (a task that only waits for another replica's result costs nothing and may go on filling the cache)."""
+        self._waiting[task] = self._waiting.get(task, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            left = self._waiting.pop(task) - 1
+            if left:
+                self._waiting[task] = left
+            elif not task.done() and abandon():
+                task.cancel()
 
     def _finish(self, key: str, task: asyncio.Task[T]) -> None:
         if self._flights.get(key) is task:

@@ -355,3 +355,16 @@ async def test_peek_sees_only_the_local_tier(namespace: str) -> None:
         assert b.peek(key_for()) is None  # in Redis, but peeking never does I/O
         await b.get_or_compute(key_for(), compute)
         assert b.peek(key_for()) == compute.values[0]
+
+
+async def test_a_computation_nobody_waits_for_stops_and_frees_the_lock(namespace: str,
+                                                                       shared_redis: redis.Redis) -> None:
+    cache = make_cache(namespace)
+    compute = CountingCompute(gate=asyncio.Event())
+    async with started(cache):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(cache.get_or_compute(key_for(), compute), 0.2)
+        await asyncio.wait_for(compute.finished.wait(), 30)  # cancelled: no caller is left to want it
+        await until(lambda: shared_redis.get(cache.lock_key(key_for())) is None)
+        await until(lambda: cache.status()["in_flight"] == 0)
+        assert compute.values == []
