@@ -115,7 +115,10 @@ class LLMOptimizer:
             choice = response.choices[0]
             answer = choice.message.content or ""
         except Exception as exc:  # litellm's provider errors are translated here, at the one boundary
-            raise OptimizerError(f"llm:{self.model} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+            # The class and status only: litellm's text quotes the provider's answer (and so the prompt).
+            status = getattr(exc, "status_code", None)
+            raise OptimizerError(f"llm:{self.model} failed: {type(exc).__name__}"
+                                 + (f" ({status})" if status else "")) from exc
         # litellm maps every provider's "ran out of tokens" (Anthropic's max_tokens too) to "length".
         truncated = getattr(choice, "finish_reason", None) == "length"
         return Rewrite(clean_output(unwrap(answer), mode), self._identity, truncated=truncated)

@@ -10,7 +10,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -22,6 +21,7 @@ from redis.exceptions import RedisError
 from optimizer.breaker import CircuitBreaker
 from optimizer.cache import VERDICTS, CachedRewrite, Compute, EventCallback, LocalTier
 from optimizer.singleflight import SingleFlight
+from optimizer.urls import redact_url
 
 log = logging.getLogger("bpo.cache")
 
@@ -65,13 +65,6 @@ def decode_value(raw: bytes) -> CachedRewrite | None:
     if rule is not None and not isinstance(rule, str):
         return None
     return CachedRewrite(text, verdict, optimizer, float(created), rule)
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials, for /readyz and logs."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}"
 
 
 # Longest wait for closing a connection to a Redis that may have stopped answering.

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from optimizer.base import (
     Mode,
@@ -26,6 +27,7 @@ from optimizer.template import (
     build_prompt,
     clean_output,
 )
+from optimizer.urls import redact_url
 
 log = logging.getLogger("bpo.optimizer.remote")
 
@@ -119,7 +121,13 @@ class RemoteOptimizer:
     def __init__(self, base_url: str, options: OptimizerOptions, *,
                  startup_grace: float = STARTUP_GRACE_SECONDS,
                  identity_refresh: float = IDENTITY_REFRESH_SECONDS) -> None:
-        self.base_url = normalize_base_url(base_url)
+        url = URL(normalize_base_url(base_url))
+        # Credentials in the URL become Basic auth (unless an API key is set); the URL without them is the
+        # only one ever shown: identity, /readyz, logs, errors.
+        self._auth = aiohttp.BasicAuth(url.user or "", url.password or "") if url.raw_user or url.password \
+            else None
+        self._url = str(url.with_user(None))
+        self.base_url = redact_url(self._url)
         self.options = options
         self.startup_grace = startup_grace
         self.identity_refresh = identity_refresh
@@ -144,8 +152,8 @@ class RemoteOptimizer:
             timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
             connector = aiohttp.TCPConnector(limit=max(64, self.options.max_batch_size * 8),
                                              keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                                  headers=self._headers())
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, headers=self._headers(),
+                                                  auth=None if self.options.api_key else self._auth)
         self._start_probe()
 
     async def close(self) -> None:
@@ -185,8 +193,8 @@ class RemoteOptimizer:
         if self._extras and "min_tokens" in body and rejects_extras(status, payload):
             # A strict OpenAI-compatible server refuses vLLM's sampling extras: drop them from now on. Any
             # other 400 (a prompt over the context length) says nothing about them, so they stay on.
-            log.warning("%s rejected min_tokens/bad_words (%s); sending plain OpenAI fields",
-                        self.base_url, error_message(payload)[:200])
+            # Its message is not logged: an error text may quote the request, and so the prompt.
+            log.warning("%s rejected min_tokens/bad_words (%d); sending plain OpenAI fields", self.base_url, status)
             self._extras = False
             body = {k: v for k, v in body.items() if k not in EXTRA_FIELDS}
             status, payload = await self._request("POST", "/completions", body)
@@ -194,14 +202,15 @@ class RemoteOptimizer:
             # The server no longer serves this name (restarted as bpo@v4): find out what it serves now.
             self._start_probe()
         if status != 200 or not isinstance(payload, dict):
-            raise OptimizerError(f"{self.base_url}/completions answered {status}: {str(payload)[:200]}")
+            # Status only: the body of a refused rewrite may echo the prompt, and this message is logged.
+            raise OptimizerError(f"{self.base_url}/completions answered {status}")
         return payload
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         """One call to the server; foreign errors become ours here."""
         assert self._session is not None
         try:
-            async with self._session.request(method, self.base_url + path, json=body) as response:
+            async with self._session.request(method, self._url + path, json=body) as response:
                 try:
                     payload = await response.json(content_type=None)
                 except ValueError:

@@ -166,6 +166,15 @@ def upstream_headers(headers: Mapping[str, str], api_key: str | None, azure: boo
     return out
 
 
+def with_url_credentials(url: URL, headers: Mapping[str, str]) -> tuple[URL, dict[str, str]]:
+    """Credentials configured in the upstream URL, as Basic auth in place of the client's Authorization.
+
+    aiohttp refuses a URL with credentials next to an Authorization header (every SDK sends one).
+    """
+    auth = aiohttp.BasicAuth(url.user or "", url.password or "")
+    return url.with_user(None), {**headers, "authorization": auth.encode()}
+
+
 # The gateway's server sets its own Date; the provider's Server says nothing about this hop.
 _NOT_RELAYED = frozenset(name.encode() for name in HOP_BY_HOP | {"date", "server"})
 
@@ -258,6 +267,9 @@ class HttpForwarder:
                       params: Mapping[str, str] | None = None, stream: bool = False) -> Response:
         """Send, then relay: a full body, or an SSE stream chunk by chunk, cut only where events end."""
         assert self._session is not None, "HttpForwarder.start() was not awaited"
+        url = URL(url) if isinstance(url, str) else url
+        if url.raw_user is not None or url.raw_password is not None:
+            url, headers = with_url_credentials(url, headers)
         started = time.perf_counter()
         try:
             upstream = await self._session.request(method, url, headers=headers, data=body, params=params,

@@ -15,7 +15,8 @@ import redis
 from optimizer.base import OptimizerError
 from optimizer.breaker import CircuitBreaker
 from optimizer.cache import LocalTier, build_cache, cache_key, tenant_of
-from optimizer.redis_cache import RedisCache, decode_value, encode_value, redact_url
+from optimizer.redis_cache import RedisCache, decode_value, encode_value
+from optimizer.urls import redact_url
 from proxy.settings import Settings
 from tests.optimizer.cache_helpers import CountingCompute, Events, rewrite, until
 from tests.optimizer.conftest import SHARED_REDIS_URL
