@@ -149,6 +149,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if kind is bool:
             return _to_bool(value)
+        if kind is str and isinstance(value, bool) and "on" in FIELDS[name].metadata.get("choices", ()):
+            return "on" if value else "off"  # YAML 1.1 reads an unquoted on / off as a boolean
         return kind(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{source}: {value!r} is not a valid {kind.__name__}") from exc

@@ -163,3 +163,18 @@ def test_grafana_provisioning_finds_the_dashboard_and_prometheus(full: dict[str,
     url = urlsplit(source["url"])
     assert url.hostname == "prometheus" and url.hostname in full["services"]
     assert {p["target"] for p in full["services"]["prometheus"]["ports"]} == {url.port}
+
+
+@pytest.mark.parametrize("name", list(PROXIES))
+def test_proxies_run_with_client_keys_in_redis_and_are_no_open_relay(full: dict[str, Any], name: str) -> None:
+    from proxy.open_relay import open_relay_problem
+
+    env = _proxy_env(full, name)
+    settings = load_settings({}, environ=env)
+    assert settings.client_auth == "on" and settings.admin_key
+    store = urlsplit(settings.key_store)
+    assert (store.scheme, store.hostname, store.port) == ("redis", "redis", 6379)
+    assert store.path not in {urlsplit(settings.cache).path, urlsplit(settings.events).path}
+    assert open_relay_problem(settings) is None
+    assert "--appendonly" in (command := full["services"]["redis"]["command"])
+    assert command[command.index("--appendonly") + 1] == "yes", "keys and spend survive a Redis restart"

@@ -224,3 +224,18 @@ def test_vllm_serves_the_optimizer_on_one_gpu() -> None:
     assert vllm["resources"]["requests"]["nvidia.com/gpu"] == "1"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert vllm[probe]["httpGet"]["path"] == "/health"
+
+
+def test_the_proxy_runs_with_client_keys_in_a_persistent_redis(proxy_settings: Any) -> None:
+    from proxy.open_relay import open_relay_problem
+
+    assert proxy_settings.client_auth == "on" and proxy_settings.admin_key
+    _service_url_matches(proxy_settings.key_store, "bpo-redis")
+    paths = {urlsplit(u).path for u in (proxy_settings.cache, proxy_settings.events)}
+    assert urlsplit(proxy_settings.key_store).path not in paths
+    assert open_relay_problem(proxy_settings) is None
+    redis = container("bpo-redis", "redis")
+    assert redis["args"][redis["args"].index("--appendonly") + 1] == "yes"
+    volumes = k8s_object("Deployment", "bpo-redis")["spec"]["template"]["spec"]["volumes"]
+    claim = next(v for v in volumes if v["name"] == "data")["persistentVolumeClaim"]["claimName"]
+    assert k8s_object("PersistentVolumeClaim", claim)["spec"]["resources"]["requests"]["storage"]
