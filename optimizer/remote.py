@@ -27,7 +27,7 @@ from optimizer.template import (
     build_prompt,
     clean_output,
 )
-from optimizer.urls import redact_url
+from optimizer.urls import redact_url, without_credentials
 
 log = logging.getLogger("bpo.optimizer.remote")
 
@@ -121,12 +121,10 @@ class RemoteOptimizer:
     def __init__(self, base_url: str, options: OptimizerOptions, *,
                  startup_grace: float = STARTUP_GRACE_SECONDS,
                  identity_refresh: float = IDENTITY_REFRESH_SECONDS) -> None:
-        url = URL(normalize_base_url(base_url))
         # Credentials in the URL become Basic auth (unless an API key is set); the URL without them is the
         # only one ever shown: identity, /readyz, logs, errors.
-        self._auth = aiohttp.BasicAuth(url.user or "", url.password or "") if url.raw_user or url.password \
-            else None
-        self._url = str(url.with_user(None))
+        url, self._basic_auth = without_credentials(URL(normalize_base_url(base_url)))
+        self._url = str(url)
         self.base_url = redact_url(self._url)
         self.options = options
         self.startup_grace = startup_grace
@@ -152,8 +150,8 @@ class RemoteOptimizer:
             timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
             connector = aiohttp.TCPConnector(limit=max(64, self.options.max_batch_size * 8),
                                              keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, headers=self._headers(),
-                                                  auth=None if self.options.api_key else self._auth)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                                  headers=self._headers())
         self._start_probe()
 
     async def close(self) -> None:
@@ -186,7 +184,9 @@ class RemoteOptimizer:
         return Rewrite(clean_output(generated, mode), identity, truncated=truncated)
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}
+        if self.options.api_key:
+            return {"Authorization": f"Bearer {self.options.api_key}"}
+        return {"Authorization": self._basic_auth} if self._basic_auth else {}
 
     async def _post_completion(self, body: dict[str, Any]) -> dict[str, Any]:
         status, payload = await self._request("POST", "/completions", body)

@@ -17,6 +17,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 from yarl import URL
 
+from optimizer.urls import without_credentials
 from proxy.errors import (
     InvalidRequest,
     NotFound,
@@ -166,15 +167,6 @@ def upstream_headers(headers: Mapping[str, str], api_key: str | None, azure: boo
     return out
 
 
-def with_url_credentials(url: URL, headers: Mapping[str, str]) -> tuple[URL, dict[str, str]]:
-    """Credentials configured in the upstream URL, as Basic auth in place of the client's Authorization.
-
-    aiohttp refuses a URL with credentials next to an Authorization header (every SDK sends one).
-    """
-    auth = aiohttp.BasicAuth(url.user or "", url.password or "")
-    return url.with_user(None), {**headers, "authorization": auth.encode()}
-
-
 # The gateway's server sets its own Date; the provider's Server says nothing about this hop.
 _NOT_RELAYED = frozenset(name.encode() for name in HOP_BY_HOP | {"date", "server"})
 
@@ -267,9 +259,13 @@ class HttpForwarder:
                       params: Mapping[str, str] | None = None, stream: bool = False) -> Response:
         """Send, then relay: a full body, or an SSE stream chunk by chunk, cut only where events end."""
         assert self._session is not None, "HttpForwarder.start() was not awaited"
-        url = URL(url) if isinstance(url, str) else url
-        if url.raw_user is not None or url.raw_password is not None:
-            url, headers = with_url_credentials(url, headers)
+        if isinstance(url, str) and "@" in url:  # parsed here only when it may hold credentials (hot path)
+            url = URL(url)
+        if isinstance(url, URL) and (url.raw_user is not None or url.raw_password is not None):
+            # Configured credentials, in place of the client's Authorization: aiohttp refuses a URL with
+            # credentials next to an Authorization header, and every SDK sends one.
+            url, basic_auth = without_credentials(url)
+            headers = {**headers, "authorization": basic_auth or ""}
         started = time.perf_counter()
         try:
             upstream = await self._session.request(method, url, headers=headers, data=body, params=params,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import base64
 
-from optimizer.urls import redact_url
+import pytest
+from yarl import URL
+
+from optimizer.urls import redact_url, without_credentials
 
 
 @pytest.mark.parametrize(("url", "shown"), [
@@ -16,3 +19,9 @@ from optimizer.urls import redact_url
 ])
 def test_credentials_never_show(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_credentials_become_a_basic_authorization_value() -> None:
+    url, auth = without_credentials(URL("http://bpo:p%40ss@vllm:8000/v1"))
+    assert (str(url), auth) == ("http://vllm:8000/v1", "Basic " + base64.b64encode(b"bpo:p@ss").decode())
+    assert without_credentials(URL("http://vllm:8000/v1")) == (URL("http://vllm:8000/v1"), None)
