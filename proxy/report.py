@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from optimizer.judge import Tally
 from proxy.report_source import EventStream, Loaded, ReportError, is_number, load_events, open_events
 from proxy.stats import (
     Z_95,
@@ -272,7 +273,7 @@ def summarize_shadow(verdicts: Mapping[str, int]) -> ShadowSummary:
     net, net_interval = None, None
     if judged:
         win, loss = counts["win"] / judged, counts["loss"] / judged
-        net = win - loss
+        net = Tally("shadow", counts["win"], counts["tie"], counts["loss"]).delta_wr / 100  # bpo eval's ΔWR
         # Variance of (win - loss) for one multinomial draw, over n draws.
         half = Z_95 * math.sqrt((win + loss - net * net) / judged)
         net_interval = Interval(net - half, net + half)

@@ -2,8 +2,9 @@
 
 Everything here runs after the user's response is complete, in background tasks with bounded
 concurrency and a per-minute budget; the little that runs inside the request (sampling, reading the
-answer) fails open, counted in ``bpo_fail_open_total{component="shadow"}``. The judge sees both orders
-(treatment first, then control first); a verdict that changes with the order is a tie.
+answer) fails open, counted in ``bpo_fail_open_total{component="shadow"}``. The judge is
+``optimizer.judge``, the same prompt, parser and order rule as ``bpo eval``: it sees both orders (treatment
+first, then control first), and ``combine_orders`` turns the two verdicts into one.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import contextlib
 import dataclasses
 import logging
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from optimizer.judge import Verdict, build_judge_messages, combine_orders, parse_verdict
 from optimizer.litellm_loader import load_litellm
 from proxy.events import EventSink
 from proxy.forward import (
@@ -41,30 +42,10 @@ from proxy.settings import Settings
 
 log = logging.getLogger("bpo.shadow")
 
-Verdict = Literal["win", "tie", "loss"]
 # The fields of a request that make sense when asking again for one plain answer.
 _DROPPED_FOR_CONTROL = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
-_VERDICT_TAG = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 # A streamed answer longer than this is not kept for judging: memory per request stays bounded.
 MAX_KEPT_ANSWER_BYTES = 1024 * 1024
-
-JUDGE_PROMPT = """\
-You are an impartial judge. Compare the two AI assistant answers to the user's question below.
-Judge helpfulness, correctness, depth and harmlessness. Do not let the order of the answers or their
-length sway you.
-
-[Question]
-{question}
-
-[Answer A]
-{answer_a}
-
-[Answer B]
-{answer_b}
-
-Explain your reasoning in a few sentences, then give the verdict on the last line as exactly one of:
-[[A]] if answer A is better, [[B]] if answer B is better, [[C]] for a tie."""
-
 
 class ShadowError(Exception):
     """The control answer or a judgement could not be obtained."""
@@ -76,7 +57,7 @@ class ControlClient(Protocol):
     async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str: ...
 
 
-JudgeCall = Callable[[str], Awaitable[str]]
+JudgeCall = Callable[[list[dict[str, str]]], Awaitable[str]]  # messages -> reply text
 
 
 class ForwardingControlClient:
@@ -167,19 +148,6 @@ def _sse_text(payload: bytes) -> str | None:
     return "".join(parts) if seen else None
 
 
-def parse_judgement(text: str) -> Literal["A", "B", "C"] | None:
-    """The last ``[[A]]``/``[[B]]``/``[[C]]`` tag: judges reason first and conclude last."""
-    tags = _VERDICT_TAG.findall(text)
-    return tags[-1] if tags else None  # type: ignore[no-any-return]
-
-
-def combine(treatment_first: Literal["A", "B", "C"], control_first: Literal["A", "B", "C"]) -> Verdict:
-    """Treatment's verdict over both orders; any disagreement between the orders counts as a tie."""
-    first: Verdict = {"A": "win", "B": "loss", "C": "tie"}[treatment_first]  # type: ignore[assignment]
-    second: Verdict = {"A": "loss", "B": "win", "C": "tie"}[control_first]  # type: ignore[assignment]
-    return first if first == second else "tie"
-
-
 class MinuteBudget:
     """At most ``limit`` starts in any sliding 60 seconds."""
 
@@ -211,9 +179,9 @@ def litellm_judge(settings: Settings) -> JudgeCall:
         # upstream's key: the judge may be another party.
         options.setdefault("api_key", "EMPTY")
 
-    async def judge(prompt: str) -> str:
+    async def judge(messages: list[dict[str, str]]) -> str:
         litellm = load_litellm()
-        response = await litellm.acompletion(model=model, messages=[{"role": "user", "content": prompt}],
+        response = await litellm.acompletion(model=model, messages=messages,
                                              temperature=0.0, max_tokens=512, **options)
         return str(response.choices[0].message.content or "")
 
@@ -372,7 +340,8 @@ class ShadowJudge:
             self._ask(job.question, job.treatment_answer, control),
             self._ask(job.question, control, job.treatment_answer))
         result: dict[str, Any] = {
-            "verdict": combine(treatment_first, control_first),
+            # combine_orders takes (original first, optimized first): control is the original prompt's answer.
+            "verdict": combine_orders(control_first, treatment_first),
             "orders": {"treatment_first": treatment_first, "control_first": control_first},
             "control_ms": round(control_ms, 3),
             "judge_ms": round((time.perf_counter() - started) * 1000 - control_ms, 3),
@@ -382,9 +351,9 @@ class ShadowJudge:
                           control_answer=control)
         return result
 
-    async def _ask(self, question: str, answer_a: str, answer_b: str) -> Literal["A", "B", "C"]:
-        reply = await self.judge(JUDGE_PROMPT.format(question=question, answer_a=answer_a, answer_b=answer_b))
-        tag = parse_judgement(reply)
-        if tag is None:
+    async def _ask(self, question: str, answer_a: str, answer_b: str) -> Verdict:
+        reply = await self.judge(build_judge_messages(question, answer_a, answer_b))
+        verdict = parse_verdict(reply)
+        if verdict is None:
             raise ShadowError(f"the judge gave no [[A]]/[[B]]/[[C]] verdict: {reply[-200:]!r}")
-        return tag
+        return verdict

@@ -11,8 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.errors import ConfigError, DataError
-from training.judge import (
+from optimizer.judge import (
     JUDGE_PROMPT_VERSION,
     Outcome,
     Tally,
@@ -22,6 +21,7 @@ from training.judge import (
     parse_verdict,
     tally,
 )
+from training.errors import ConfigError, DataError
 from training.manifest import saved_config
 from training.records import JsonlAppender, PromptParts, Record, prompt_parts, read_done, read_records, stable_key
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from training.judge import Tally, average_delta_wr
+from optimizer.judge import Tally, average_delta_wr
 
 
 def console() -> Any:

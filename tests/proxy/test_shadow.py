@@ -11,18 +11,19 @@ import pytest
 from starlette.responses import Response, StreamingResponse
 
 from proxy.metrics import Metrics
+from proxy.report import summarize_shadow
 from proxy.shadow import (
     MinuteBudget,
     ShadowJob,
     ShadowJudge,
     answer_text,
-    combine,
     control_body,
-    parse_judgement,
 )
 from tests.fakes.proxy_server import make_settings
 from tests.fakes.upstream import chat_reply, sse_chunks
 from tests.optimizer.cache_helpers import until
+from training.evaluate import outcome_of
+from training.evaluate import summarize as summarize_eval
 
 TREATMENT, CONTROL = "the detailed treatment answer", "the plain control answer"
 
@@ -71,12 +72,27 @@ class FakeJudge:
         self.prefer, self.fixed = prefer, fixed
         self.prompts: list[str] = []
 
-    async def __call__(self, prompt: str) -> str:
+    async def __call__(self, messages: list[dict[str, str]]) -> str:
+        prompt = messages[-1]["content"]
         self.prompts.append(prompt)
         if self.fixed is not None:
             return self.fixed
-        answer_a = prompt.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]", 1)[0]
+        answer_a = answer_in(prompt, "A")
         return "A is more thorough.\n[[A]]" if self.prefer in answer_a else "B is better. [[B]]"
+
+
+def answer_in(prompt: str, letter: str) -> str:
+    return prompt.split(f"[ANSWER {letter}]\n", 1)[1].split(f"\n[/ANSWER {letter}]", 1)[0]
+
+
+class OrderJudge:
+    """Answers ``treatment_first`` when the treatment answer is shown first, else ``control_first``."""
+
+    def __init__(self, treatment_first: str, control_first: str) -> None:
+        self.replies = {True: treatment_first, False: control_first}
+
+    async def __call__(self, messages: list[dict[str, str]]) -> str:
+        return f"Verdict: [[{self.replies[TREATMENT in answer_in(messages[-1]['content'], 'A')]}]]"
 
 
 def make_judge(control: FakeControl | None = None, judge: FakeJudge | None = None, **values: Any
@@ -97,18 +113,28 @@ def verdicts(metrics: Metrics, verdict: str) -> float:
     return metrics.registry.get_sample_value("bpo_shadow_verdicts_total", {"verdict": verdict}) or 0.0
 
 
-@pytest.mark.parametrize(("treatment_first", "control_first", "verdict"), [
-    ("A", "B", "win"), ("B", "A", "loss"), ("C", "C", "tie"),
-    ("A", "A", "tie"), ("B", "B", "tie"),  # the verdict followed the position, not the answer
-    ("A", "C", "tie"), ("C", "B", "tie")])
-def test_combining_both_orders(treatment_first: Any, control_first: Any, verdict: str) -> None:
-    assert combine(treatment_first, control_first) == verdict
+VERDICT_PAIRS = [(a, b) for a in ("A", "B", "C") for b in ("A", "B", "C")]
 
 
-def test_the_judges_last_tag_is_its_verdict() -> None:
-    assert parse_judgement("[[A]] looked good at first, but overall [[ B ]]") == "B"
-    assert parse_judgement("Tie. [[C]]") == "C"
-    assert parse_judgement("I cannot decide") is None
+async def test_shadow_and_bpo_eval_turn_the_same_verdicts_into_the_same_numbers() -> None:
+    """Both paths use optimizer.judge: the same verdict pairs give the same outcomes and the same ΔWR."""
+    letter = {"A": "A", "B": "B", "C": "tie"}
+    shadow_outcomes, records = [], []
+    for treatment_first, control_first in VERDICT_PAIRS:
+        shadow, sink, _ = make_judge(judge=OrderJudge(treatment_first, control_first))
+        shadow.submit(job())
+        await shadow.drain()
+        shadow_outcomes.append(sink.events[0]["verdict"])
+        # bpo eval's orders: (A=original, B=optimized), then swapped; the control answer is the original's.
+        records.append({"set": "pairs", "prompt": "p", "optimized_prompt": "q",
+                        "verdicts": [letter[control_first], letter[treatment_first]]})
+    assert shadow_outcomes == [outcome_of(record) for record in records]
+    # One win plus a tie in the other order is a win; a flip with the order is a tie (optimizer/judge.py).
+    assert shadow_outcomes == ["tie", "win", "win", "loss", "tie", "loss", "loss", "win", "tie"]
+    counts = {v: shadow_outcomes.count(v) for v in ("win", "tie", "loss")}
+    net_win_rate = summarize_shadow(counts).net_win_rate
+    assert net_win_rate is not None
+    assert net_win_rate * 100 == pytest.approx(summarize_eval(records).tallies[0].delta_wr)
 
 
 def test_answer_text_from_json_and_from_sse() -> None:

@@ -26,9 +26,9 @@ TREATMENT_MARK = "step by step"  # the fake optimizer adds it, so only the treat
 
 
 def answers_in(judge_request: Recorded) -> tuple[str, str]:
-    prompt = judge_request.json["messages"][0]["content"]
-    answer_a = prompt.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]", 1)[0]
-    answer_b = prompt.split("[Answer B]\n", 1)[1].split("\n\nExplain your reasoning", 1)[0]
+    prompt = judge_request.json["messages"][-1]["content"]
+    answer_a = prompt.split("[ANSWER A]\n", 1)[1].split("\n[/ANSWER A]", 1)[0]
+    answer_b = prompt.split("[ANSWER B]\n", 1)[1].split("\n[/ANSWER B]", 1)[0]
     return answer_a, answer_b
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from optimizer.judge import average_delta_wr, build_judge_messages, combine_orders, parse_verdict, tally
 from training.evaluate import summarize
-from training.judge import average_delta_wr, build_judge_messages, combine_orders, parse_verdict, tally
 from training.records import read_records
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "training"

@@ -1,4 +1,11 @@
-"""The pairwise judge: its prompt, reading its verdict, both answer orders, and the win/tie/loss tally."""
+"""The pairwise judge: its prompt, reading its verdict, both answer orders, the win/tie/loss tally and ΔWR.
+
+The one home of the measure that both ``bpo eval`` (offline, training/evaluate.py) and the gateway's shadow
+judge (online, proxy/shadow.py, summarized by ``bpo ab report``) report: the same prompt, the same parser and
+the same rule for combining the two answer orders (``combine_orders``), so the two ΔWRs are one measure.
+It lives in ``optimizer`` because the measure belongs to the optimizer, and both ``proxy`` and ``training``
+may import from here (never from each other).
+"""
 
 from __future__ import annotations
 
