@@ -20,6 +20,7 @@ from optimizer.pipeline import RewritePipeline
 from proxy.ab import ArmAssigner, ArmDecision
 from proxy.budget import wants_usage, with_usage_requested, without_usage_chunk
 from proxy.clients import CLIENT, ClientContext, Meter
+from proxy.disconnect import OPTIMIZER, UPSTREAM, ClientGone, ClientWatch
 from proxy.errors import ProxyError
 from proxy.events import EventSink
 from proxy.feedback import RecentRequests
@@ -110,24 +111,35 @@ class ChatService:
         # One pass over the raw headers; starlette's Headers scans the whole list on every lookup.
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = request_id_for(headers)
+        watch = ClientWatch(receive)
         try:
-            return await self._serve(receive, headers, request_id, arrived, scope.get(CLIENT))
+            return await self._serve(receive, headers, request_id, arrived, scope.get(CLIENT), watch)
         except ProxyError as exc:
             response = exc.response()
             response.headers["x-request-id"] = request_id
             return response
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to forward
             return Response(status_code=499)
+        except ClientGone as exc:  # gone while we optimized or waited for the upstream: both stopped
+            self.metrics.client_disconnects.labels(stage=exc.stage).inc()
+            return Response(status_code=499)
+        finally:
+            watch.close()  # before the response goes out: a stream listens for the disconnect itself
 
     async def _serve(self, receive: Receive, headers: dict[str, str], request_id: str,
-                     arrived: float, client: ClientContext | None) -> Response:
+                     arrived: float, client: ClientContext | None, watch: ClientWatch) -> Response:
         raw = await read_body_from(receive, headers.get("content-length"), self.settings.max_body_bytes)
         chat = parse_chat_request(raw, headers.get("content-type"))
         api_key = api_key_of(headers) if client is None else client.key.id
         decision = self.assigner.decide(chat.body, headers, api_key, client.key.optimize if client else "default")
         target = self._target(chat.model)
         meter = None if client is None else await self._admit(client, chat, decision)
-        rewritten = await self._rewrite(chat, decision, api_key)
+        try:
+            rewritten = await watch.guard(OPTIMIZER, self._rewrite(chat, decision, api_key))
+        except ClientGone:
+            if meter is not None:
+                meter.settle(499, None)  # nothing was sent: nothing spent, the reservation released
+            raise
         strip_usage = meter is not None and chat.stream and not wants_usage(chat.body)
         if strip_usage:  # spend needs the stream's usage: asked for here, taken out before the client sees it
             rewritten.body = with_usage_requested(chat.exact_body if rewritten.body is None else rewritten.body)
@@ -143,13 +155,18 @@ class ChatService:
         # Overhead so far; the relay adds nothing but byte copies after the upstream's headers arrive.
         extra = self._bpo_headers(request_id, decision, rewritten, debug, (sent - arrived) * 1000)
         try:
-            response = await self._send(chat, rewritten, target, headers, exchange, extra, finish)
+            response = await watch.guard(UPSTREAM, self._send(chat, rewritten, target, headers, exchange, extra,
+                                                               finish))
         except ProxyError as exc:  # the upstream failed: still a chat completion, headed and counted
             exchange.status, exchange.error = exc.status, exc.message
             finish(exchange)
             failed = exc.response()
             failed.headers.update(extra)
             return failed
+        except ClientGone:  # sent, and closed before it answered: counted, and in the events, as a 499
+            exchange.status, exchange.error = 499, "the client disconnected before the upstream answered"
+            finish(exchange)
+            raise
         if strip_usage and isinstance(response, StreamingResponse):
             response.body_iterator = without_usage_chunk(response.body_iterator)
         return self._maybe_shadow(response, request_id, chat, decision, rewritten, headers)

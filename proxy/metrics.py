@@ -27,6 +27,8 @@ METRIC_NAMES = (
     "bpo_feedback_total",
     "bpo_upstream_tokens_total",
     "bpo_fail_open_total",
+    "bpo_client_disconnects_total",
+    "bpo_upstream_stream_errors_total",
     "bpo_shadow_verdicts_total",
     "bpo_shadow_skipped_total",
     "bpo_client_requests_total",
@@ -197,6 +199,10 @@ class Metrics:
             "bpo_upstream_stream_errors_total",
             "Streams the upstream broke off after they began (cut, idle, error); the client got an error event",
             ["reason"], registry=r)
+        self.client_disconnects = Counter(
+            "bpo_client_disconnects_total",
+            "Chat completions whose client left while the optimizer or the upstream worked; both were stopped",
+            ["stage"], registry=r)
         self.shadow_verdicts = Counter("bpo_shadow_verdicts_total", "Shadow judge verdicts for treatment",
                                        ["verdict"], registry=r)
         self.shadow_skipped = Counter("bpo_shadow_skipped_total",

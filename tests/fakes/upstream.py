@@ -163,6 +163,7 @@ class FakeUpstream:
         self.requests: list[Recorded] = []
         self.responders: dict[str, Responder] = {}
         self.disconnects = 0
+        self.abandoned = 0  # requests whose client left while a ``delay`` ran
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -178,6 +179,7 @@ class FakeUpstream:
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.abandoned = 0
         self.responders.clear()
 
     def app(self) -> Starlette:
@@ -190,8 +192,8 @@ class FakeUpstream:
         with self._lock:
             self.requests.append(recorded)
         reply = self._reply_for(recorded)
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
+        if reply.delay and await self._client_left(request, reply.delay):
+            return Response(status_code=499)
         if reply.sse is not None and reply.cut_after is not None:
             return CutStream(reply)
         if reply.sse is not None:
@@ -204,6 +206,20 @@ class FakeUpstream:
         except UnicodeEncodeError:  # echoing a lone surrogate escape a client sent: keep it escaped, as a provider does
             return Response(json.dumps(reply.json, separators=(",", ":")), status_code=reply.status,
                             headers=reply.headers, media_type="application/json")
+
+    async def _client_left(self, request: Request, seconds: float) -> bool:
+        """Waits ``seconds``, or less when the client closes its connection: then True, counted in ``abandoned``."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await asyncio.wait_for(request.receive(), left)
+            except TimeoutError:
+                return False
+            if message["type"] == "http.disconnect":
+                with self._lock:
+                    self.abandoned += 1
+                return True
+        return False
 
     async def _stream(self, reply: Reply) -> Any:
         try:

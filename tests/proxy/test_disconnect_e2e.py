@@ -1,0 +1,76 @@
+"""A client that leaves stops its request's work: the upstream call is closed, an unsent request never goes."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.proxy_server import RunningProxy
+from tests.fakes.upstream import FakeUpstream, chat_reply, completion_reply
+
+from .conftest import StartProxy
+
+PATIENCE = 60.0  # generous: the machine may be busy; every wait ends as soon as its condition holds
+BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "Tell me about llamas"}]}
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def send_and_leave(proxy: RunningProxy, body: dict[str, Any], x_bpo: str, until: Callable[[], bool],
+                   what: str) -> None:
+    """POST a chat completion on a raw connection, and close it once ``until`` holds."""
+    raw = json.dumps(body).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"X-BPO: {x_bpo}\r\nContent-Length: {len(raw)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=PATIENCE) as connection:
+        connection.sendall(head + raw)
+        wait_until(until, what)
+
+
+def disconnects(proxy: RunningProxy, stage: str) -> float:
+    metrics = httpx.get(proxy.url + "/metrics", timeout=PATIENCE).text
+    found = re.search(rf'^bpo_client_disconnects_total{{stage="{stage}"}} (\S+)$', metrics, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_closes_the_upstream_call(upstream: FakeUpstream, start_proxy: StartProxy,
+                                                       stream: bool) -> None:
+    upstream.responders["/v1/chat/completions"] = lambda recorded: replace(chat_reply(recorded.json),
+                                                                           delay=PATIENCE * 2)
+    proxy = start_proxy(upstream_timeout=PATIENCE * 3)
+    send_and_leave(proxy, {**BODY, "stream": stream}, "off",
+                   lambda: len(upstream.requests_to("/v1/chat/completions")) == 1, "the request reached the upstream")
+    wait_until(lambda: upstream.abandoned == 1, "the upstream saw its connection closed")
+    wait_until(lambda: disconnects(proxy, "upstream") == 1, "the disconnect was counted")
+
+
+def test_a_client_that_leaves_during_the_rewrite_is_never_sent_upstream(upstream: FakeUpstream,
+                                                                        start_proxy: StartProxy) -> None:
+    slow = 5.0
+    upstream.responders["/v1/completions"] = lambda recorded: replace(completion_reply(recorded.json), delay=slow)
+    proxy = start_proxy(optimizer_timeout=PATIENCE)
+    send_and_leave(proxy, BODY, "on", lambda: len(upstream.requests_to("/v1/completions")) == 1,
+                   "the prompt reached the optimizer")
+    wait_until(lambda: disconnects(proxy, "optimizer") == 1, "the disconnect was counted")
+    assert upstream.requests_to("/v1/chat/completions") == []
+    # The rewrite itself was shielded: it finishes, lands in the cache, and the next ask costs no call.
+    response = httpx.post(proxy.base_url + "/chat/completions", json=BODY, headers={"x-bpo": "on"},
+                          timeout=PATIENCE)
+    assert response.status_code == 200
+    assert (response.headers["x-bpo-applied"], response.headers["x-bpo-cache"]) == ("true", "hit")
+    assert len(upstream.requests_to("/v1/completions")) == 1
+    assert upstream.abandoned == 0
