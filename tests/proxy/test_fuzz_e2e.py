@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from hypothesis import HealthCheck, given, settings
@@ -65,6 +67,10 @@ feedback_body = st.fixed_dictionaries({"request_id": maybe(text), "score": maybe
 odd_spec = text.filter(lambda value: not value.strip().lower().startswith(("hf:", "remote:", "llm:", "none")))
 reload_body = st.one_of(st.fixed_dictionaries({}, optional={"optimizer": maybe(odd_spec), "x": anything}),
                         anything.filter(lambda value: not isinstance(value, dict)))
+key_body = st.fixed_dictionaries({"name": maybe(text)}, optional={
+    "models": maybe(st.lists(text, max_size=3)), "rpm": maybe(st.integers(-5, 10**20)),
+    "tpm": maybe(st.integers(-5, 10**20)), "max_budget_usd": maybe(st.floats()),
+    "optimize": maybe(st.sampled_from(["on", "off", "default"])), "x": anything})
 depth = st.one_of(st.just(0), st.just(0), st.integers(1, 1100))
 
 
@@ -133,17 +139,21 @@ def test_feedback_bodies_never_make_a_5xx(upstream: FakeUpstream, start_proxy: S
     run(proxy, example)
 
 
-def test_admin_bodies_never_make_a_5xx(upstream: FakeUpstream, start_proxy: StartProxy) -> None:
-    proxy = start_proxy(admin_key=ADMIN_KEY)
+def test_admin_bodies_never_make_a_5xx(upstream: FakeUpstream, start_proxy: StartProxy, tmp_path: Path) -> None:
+    proxy = start_proxy(admin_key=ADMIN_KEY, key_store=f"sqlite:{tmp_path / 'keys.db'}")
 
     def example(http: httpx.Client) -> None:
         @FUZZ
-        @given(body=reload_body, nesting=depth, cut=garbage,
-               key=st.sampled_from([ADMIN_KEY, ADMIN_KEY, "", "wrong", ADMIN_KEY + "\xe9"]))
-        def one(body: Any, nesting: int, cut: bytes, key: str) -> None:
+        @given(request=st.one_of(st.tuples(st.just("POST /admin/optimizer/reload"), reload_body),
+                                 st.tuples(st.just("POST /admin/keys"), maybe(key_body)),
+                                 st.tuples(text.map(lambda key_id: "DELETE /admin/keys/" + quote(key_id, safe="")),
+                                           st.none())),
+               nesting=depth, cut=garbage, key=st.sampled_from([ADMIN_KEY, ADMIN_KEY, "", "wrong", ADMIN_KEY + "\xe9"]))
+        def one(request: tuple[str, Any], nesting: int, cut: bytes, key: str) -> None:
+            (method, path), body = request[0].split(" ", 1), request[1]
             auth = f"Bearer {key}".strip().encode("latin-1")
-            check(http.post("/admin/optimizer/reload", content=encode(body, nesting, cut),
-                            headers={"content-type": "application/json", "authorization": auth}))  # type: ignore[dict-item]
+            check(http.request(method, path, content=encode(body, nesting, cut),
+                               headers={"content-type": "application/json", "authorization": auth}))  # type: ignore[dict-item]
 
         one()
 
