@@ -28,8 +28,8 @@ class ClientWatch:
 
     ``guard(stage, work)`` runs ``work`` in the request's own task; when the client leaves meanwhile, that task
     is cancelled, so the upstream connection closes (aiohttp closes a cancelled request's connection) and a
-    request still waiting for its rewrite is never sent. The shared rewrite computation is shielded by the
-    cache (docs/cache.md): it still finishes and lands in the cache. ``close()`` before the response is sent,
+    request still waiting for its rewrite is never sent. The rewrite computation is the cache's (docs/cache.md):
+    it goes on while another request waits for it, and stops when none does. ``close()`` before the response is sent,
     which then has the channel to itself (a streamed answer watches for the disconnect on its own).
     """
 

@@ -7,6 +7,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -40,10 +41,14 @@ def send_and_leave(proxy: RunningProxy, body: dict[str, Any], x_bpo: str, until:
         wait_until(until, what)
 
 
-def disconnects(proxy: RunningProxy, stage: str) -> float:
+def metric(proxy: RunningProxy, name: str, label: str, value: str) -> float:
     metrics = httpx.get(proxy.url + "/metrics", timeout=PATIENCE).text
-    found = re.search(rf'^bpo_client_disconnects_total{{stage="{stage}"}} (\S+)$', metrics, re.MULTILINE)
+    found = re.search(rf'^{name}{{{label}="{value}"}} (\S+)$', metrics, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+def disconnects(proxy: RunningProxy, stage: str) -> float:
+    return metric(proxy, "bpo_client_disconnects_total", "stage", stage)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -60,17 +65,28 @@ def test_a_client_that_leaves_closes_the_upstream_call(upstream: FakeUpstream, s
 
 def test_a_client_that_leaves_during_the_rewrite_is_never_sent_upstream(upstream: FakeUpstream,
                                                                         start_proxy: StartProxy) -> None:
-    slow = 5.0
-    upstream.responders["/v1/completions"] = lambda recorded: replace(completion_reply(recorded.json), delay=slow)
-    proxy = start_proxy(optimizer_timeout=PATIENCE)
+    upstream.responders["/v1/completions"] = lambda recorded: replace(completion_reply(recorded.json),
+                                                                      delay=PATIENCE * 2)
+    proxy = start_proxy(optimizer_timeout=PATIENCE * 3)
     send_and_leave(proxy, BODY, "on", lambda: len(upstream.requests_to("/v1/completions")) == 1,
                    "the prompt reached the optimizer")
     wait_until(lambda: disconnects(proxy, "optimizer") == 1, "the disconnect was counted")
+    # Nobody else waited for that rewrite: its computation stopped too (docs/cache.md, single-flight).
+    wait_until(lambda: upstream.abandoned == 1, "the optimizer saw its connection closed")
     assert upstream.requests_to("/v1/chat/completions") == []
-    # The rewrite itself was shielded: it finishes, lands in the cache, and the next ask costs no call.
-    response = httpx.post(proxy.base_url + "/chat/completions", json=BODY, headers={"x-bpo": "on"},
-                          timeout=PATIENCE)
-    assert response.status_code == 200
-    assert (response.headers["x-bpo-applied"], response.headers["x-bpo-cache"]) == ("true", "hit")
-    assert len(upstream.requests_to("/v1/completions")) == 1
-    assert upstream.abandoned == 0
+
+
+def test_a_rewrite_another_request_waits_for_goes_on(upstream: FakeUpstream, start_proxy: StartProxy) -> None:
+    slow = 5.0
+    upstream.responders["/v1/completions"] = lambda recorded: replace(completion_reply(recorded.json), delay=slow)
+    proxy = start_proxy(optimizer_timeout=PATIENCE)
+    with httpx.Client(timeout=PATIENCE) as http, ThreadPoolExecutor(1) as pool:
+        staying = pool.submit(http.post, proxy.base_url + "/chat/completions", json=BODY, headers={"x-bpo": "on"})
+        wait_until(lambda: len(upstream.requests_to("/v1/completions")) == 1, "the prompt reached the optimizer")
+        send_and_leave(proxy, BODY, "on", lambda: metric(proxy, "bpo_cache_events_total", "result", "hit") == 1,
+                       "the second request joined the first one's rewrite")  # coalesced: counted as a hit
+        wait_until(lambda: disconnects(proxy, "optimizer") == 1, "the disconnect was counted")
+        response = staying.result(timeout=PATIENCE)
+    assert response.status_code == 200 and response.headers["x-bpo-applied"] == "true"
+    assert len(upstream.requests_to("/v1/completions")) == 1 and upstream.abandoned == 0
+    assert len(upstream.requests_to("/v1/chat/completions")) == 1  # the one that stayed
