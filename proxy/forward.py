@@ -257,7 +257,11 @@ class HttpForwarder:
                       exchange: Exchange, extra_headers: Mapping[str, str],
                       on_done: Callable[[Exchange], None] | None = None,
                       params: Mapping[str, str] | None = None, stream: bool = False) -> Response:
-        """Send, then relay: a full body, or an SSE stream chunk by chunk, cut only where events end."""
+        """Send, then relay: a full body, or an SSE stream chunk by chunk, cut only where events end.
+
+        ``stream``: the answer may be a stream. Then the timeout bounds each silence while it streams (a long
+        generation runs as long as tokens come); a plain answer is still bounded as a whole.
+        """
         assert self._session is not None, "HttpForwarder.start() was not awaited"
         if isinstance(url, str) and "@" in url:  # parsed here only when it may hold credentials (hot path)
             url = URL(url)

@@ -92,7 +92,10 @@ async def _forward(request: Request, raw_path: str, query: str = "") -> Response
     url = passthrough_url(settings.upstream_base_url, raw_path, query)
     body = await read_body(request, settings.max_body_bytes)
     headers = upstream_headers(request.headers, settings.upstream_api_key)
-    response: Response = await request.app.state.http.forward(request.method, url, headers, body, Exchange(), {})
+    # Any answer may be a stream here (files, responses, batches: the gateway does not read the body to know):
+    # streams get the idle deadline, and a plain answer still the whole one.
+    response: Response = await request.app.state.http.forward(request.method, url, headers, body, Exchange(), {},
+                                                              stream=True)
     return response
 
 

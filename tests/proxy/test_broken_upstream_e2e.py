@@ -106,3 +106,15 @@ def test_a_plain_answer_trickled_past_the_deadline_is_a_504(upstream: FakeUpstre
     assert error["code"] == "upstream_timeout" and "within 2 s" in error["message"]
     assert "hunter2" not in response.text and "127.0.0.1" not in response.text
     assert elapsed < len(body) * 0.5 / 2  # well before the trickle would have ended
+
+
+def test_a_passthrough_stream_may_outlast_the_timeout_while_it_flows(upstream: FakeUpstream,
+                                                                      start_proxy: StartProxy) -> None:
+    """The timeout is the longest silence inside a stream, on every route: never a cap on its length."""
+    events = [b'event: response.output_text.delta\ndata: {"delta": "%d"}\n\n' % i for i in range(8)]
+    upstream.responders["/v1/responses"] = lambda rec: Reply(sse=events, chunk_delay=0.5)
+    proxy = start_proxy(upstream_timeout=1.5, optimizer="none")
+    response = httpx.post(proxy.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
+                          timeout=60)
+    assert response.content == b"".join(events)
+    assert broken_counts(proxy) == {}
