@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 Mode = Literal["stable", "aggressive"]
 MODES: tuple[Mode, ...] = ("stable", "aggressive")
@@ -44,6 +44,8 @@ class OptimizerStatus:
     state: State
     optimizer: str
     detail: str = ""
+    # hf: the measured speed of this device, and whether the deadline is below a typical rewrite (/readyz).
+    speed: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -69,6 +71,9 @@ class OptimizerOptions:
     # command (bpo rewrite) gives up at the first failure instead.
     retry_unreachable: bool = True
     on_batch: Callable[[int], None] | None = field(default=None, compare=False)
+    # hf: time generation at start-up, to warn when the deadline is too short and to shed load (busy). The
+    # gateway turns it on; offline users (bpo rewrite, bpo eval) have no deadline to shed for.
+    measure_speed: bool = False
 
 
 @runtime_checkable

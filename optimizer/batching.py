@@ -29,6 +29,7 @@ class _Pending(Generic[Item, Result]):
     key: Hashable
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
+    cost: float = 0.0  # a lower bound on its generation's seconds (0: unknown)
     enqueued: float = field(default_factory=time.monotonic)
 
     def abandoned(self) -> bool:
@@ -68,6 +69,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._key = key
         self._on_batch = on_batch
         self._queue: deque[_Pending[Item, Result]] = deque()
+        self._running_until = 0.0  # monotonic: when the running batch's longest item can end at the earliest
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -77,9 +79,21 @@ class DynamicBatcher(Generic[Item, Result]):
     def closed(self) -> bool:
         return self._closed
 
-    async def submit(self, item: Item) -> Result:
+    def least_seconds_until_done(self, cost: float) -> float:
+        """A lower bound on the seconds an item of ``cost`` submitted now needs to be done.
+
+        The running batch's rest, then the queue (this item last) in batches of ``max_batch_size``, each
+        as long as its longest item. It ignores that modes never share a batch, so it never overestimates.
+        """
+        with self._ready:
+            running = max(0.0, self._running_until - time.monotonic())
+            costs = [p.cost for p in self._queue if not p.abandoned()] + [cost]
+        size = self.max_batch_size
+        return running + sum(max(costs[i:i + size]) for i in range(0, len(costs), size))
+
+    async def submit(self, item: Item, cost: float = 0.0) -> Result:
         loop = asyncio.get_running_loop()
-        pending = _Pending[Item, Result](item, self._key(item), loop.create_future(), loop)
+        pending = _Pending[Item, Result](item, self._key(item), loop.create_future(), loop, cost)
         with self._ready:
             if self._closed:
                 raise OptimizerUnavailable("the optimizer is shutting down")
@@ -141,6 +155,7 @@ class DynamicBatcher(Generic[Item, Result]):
         def abandoned(index: int) -> bool:
             return self._closed or batch[index].abandoned()
 
+        self._running_until = time.monotonic() + max(p.cost for p in batch)
         try:
             outcomes = list(self._run_batch([p.item for p in batch], abandoned))
             if len(outcomes) != len(batch):
@@ -148,5 +163,6 @@ class DynamicBatcher(Generic[Item, Result]):
         except Exception as exc:  # one bad batch fails its own requests, never the worker
             log.exception("batch of %d failed", len(batch))
             outcomes = [exc] * len(batch)
+        self._running_until = 0.0
         for pending, outcome in zip(batch, outcomes, strict=True):
             pending.settle(outcome)

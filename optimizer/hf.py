@@ -13,6 +13,7 @@ from typing import Any
 
 from optimizer.base import (
     Mode,
+    OptimizerBusy,
     OptimizerError,
     OptimizerOptions,
     OptimizerStatus,
@@ -22,6 +23,7 @@ from optimizer.base import (
 )
 from optimizer.batching import DynamicBatcher
 from optimizer.budget import min_new_tokens, token_budget
+from optimizer.capacity import DeviceSpeed, measure_speed
 from optimizer.identity import hf_identity
 from optimizer.template import (
     BANNED_STRINGS,
@@ -303,6 +305,7 @@ class HFOptimizer:
         self._loaded: LoadedModel | None = None
         self._batcher: DynamicBatcher[GenerationRequest, Generated] | None = None
         self._load_task: asyncio.Task[None] | None = None
+        self._speed: DeviceSpeed | None = None
 
     @property
     def identity(self) -> str:
@@ -312,8 +315,14 @@ class HFOptimizer:
     def loaded(self) -> LoadedModel | None:
         return self._loaded
 
+    @property
+    def speed(self) -> DeviceSpeed | None:
+        """The start-up measurement of this model on this device (None until loaded, or when not measured)."""
+        return self._speed
+
     def status(self) -> OptimizerStatus:
-        return OptimizerStatus(self._state, self._identity, self._detail)
+        speed = None if self._speed is None else self._speed.as_dict(self.options.request_timeout)
+        return OptimizerStatus(self._state, self._identity, self._detail, speed)
 
     async def start(self) -> None:
         if self._load_task is None:
@@ -329,7 +338,14 @@ class HFOptimizer:
         batcher = self._batcher
         if batcher is None:
             raise OptimizerUnavailable(f"hf optimizer is {self._state}: {self._detail}")
-        generated = await batcher.submit(GenerationRequest(text, mode))
+        cost = 0.0
+        if self._speed is not None:
+            cost = self._speed.least_seconds(text, mode)
+            ahead = batcher.least_seconds_until_done(cost)
+            if ahead > self.options.request_timeout:
+                raise OptimizerBusy(f"the queue needs at least {ahead:.1f} s, over the "
+                                    f"{self.options.request_timeout:g} s deadline")
+        generated = await batcher.submit(GenerationRequest(text, mode), cost)
         return Rewrite(generated.text, self._identity, truncated=generated.truncated)
 
     async def close(self) -> None:
@@ -357,6 +373,8 @@ class HFOptimizer:
             self._fail(f"cannot load hf:{self.target}: {type(exc).__name__}: {exc}")
             return
         self._loaded = loaded
+        if self.options.measure_speed:
+            self._speed = await asyncio.to_thread(self._measure, loaded)
         self._batcher = DynamicBatcher(
             functools.partial(generate_batch, loaded, self.options),
             max_batch_size=self.options.max_batch_size, max_wait_ms=self.options.max_wait_ms,
@@ -364,7 +382,24 @@ class HFOptimizer:
             name=f"bpo-generate-{loaded.identity}")
         self._identity = loaded.identity
         self._state, self._detail = "ready", f"{self.target} on {loaded.device} ({loaded.dtype})"
+        if self._speed is not None:
+            self._detail += f"; {self._speed.describe(self.options.request_timeout)}"
         log.info("optimizer %s ready on %s", self._identity, loaded.device)
+
+    def _measure(self, loaded: LoadedModel) -> DeviceSpeed | None:
+        """Time generation once; a failure only costs the measurement (no busy shedding, no warning)."""
+        try:
+            speed = measure_speed(loaded.model, loaded.tokenizer)
+        except Exception:  # fail open: the model still serves unmeasured
+            log.exception("could not measure the optimizer's speed")
+            return None
+        deadline = self.options.request_timeout
+        if speed.rewrite_seconds() > deadline:
+            log.warning("optimizer deadline %g s is below what %s can do: a typical rewrite takes ~%.1f s "
+                        "(%.1f tokens/s); first-time prompts will mostly fail open (busy or timeout). Raise "
+                        "--optimizer-timeout, or serve the model on a faster device", deadline, loaded.device,
+                        speed.rewrite_seconds(), speed.tokens_per_second)
+        return speed
 
     def _fail(self, detail: str) -> None:
         self._identity = f"hf:{self.target}@failed"  # not "pending": nothing is on its way

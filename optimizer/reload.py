@@ -87,7 +87,8 @@ class ReloadableOptimizer:
         if self._reloading is None:
             return status
         note = f"reloading {self._reloading}"
-        return OptimizerStatus(status.state, status.optimizer, f"{status.detail}; {note}" if status.detail else note)
+        return OptimizerStatus(status.state, status.optimizer, f"{status.detail}; {note}" if status.detail else note,
+                               status.speed)
 
     async def start(self) -> None:
         await self._lease.optimizer.start()

@@ -59,6 +59,7 @@ def optimizer_options(settings: Settings, metrics: Metrics) -> OptimizerOptions:
         request_timeout=settings.optimizer_timeout,
         api_key=settings.optimizer_api_key,
         on_batch=metrics.optimizer_batch_size.observe,
+        measure_speed=True,
     )
 
 

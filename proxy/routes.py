@@ -111,7 +111,8 @@ async def readyz(request: Request) -> Response:
     degraded = optimizer.state == "failed" or cache.get("state") not in (None, "ok", "off")
     status = "loading" if optimizer.state == "loading" else ("degraded" if degraded else "ready")
     body = {"status": status,
-            "optimizer": {"state": optimizer.state, "name": optimizer.optimizer, "detail": optimizer.detail},
+            "optimizer": {"state": optimizer.state, "name": optimizer.optimizer, "detail": optimizer.detail,
+                          **({"speed": optimizer.speed} if optimizer.speed is not None else {})},
             "cache": cache}
     return JSONResponse(body, status_code=503 if status == "loading" else 200)
 

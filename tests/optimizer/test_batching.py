@@ -143,3 +143,19 @@ async def test_close_fails_queued_requests_and_refuses_new_ones(runner: GatedRun
         await queued
     with pytest.raises(OptimizerUnavailable):
         await batcher.submit("late")
+
+
+async def test_least_seconds_until_done_counts_the_running_batch_and_the_queue(runner: GatedRunner) -> None:
+    batcher = DynamicBatcher(runner, max_batch_size=2, max_wait_ms=0)
+    assert batcher.least_seconds_until_done(1.5) == 1.5  # idle: only its own generation
+    running = asyncio.create_task(batcher.submit("a", cost=100.0))
+    await wait_for(runner.started.is_set)
+    queued = [asyncio.create_task(batcher.submit(t, cost=c)) for t, c in (("b", 3.0), ("c", 1.0), ("d", 2.0))]
+    await wait_for(lambda: len(batcher._queue) == 3)
+    # ~100 s left of the running batch, then [b, c] (3 s), then [d, new] (max 2, 5 = 5 s).
+    estimate = batcher.least_seconds_until_done(5.0)
+    assert 100.0 + 3.0 + 5.0 - 60.0 < estimate <= 100.0 + 3.0 + 5.0
+    runner.gate.set()
+    await asyncio.gather(running, *queued)
+    assert batcher.least_seconds_until_done(1.0) == 1.0
+    await asyncio.to_thread(batcher.close)

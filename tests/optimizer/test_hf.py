@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from optimizer.base import Optimizer, OptimizerOptions, OptimizerUnavailable
+from optimizer.base import Optimizer, OptimizerBusy, OptimizerOptions, OptimizerUnavailable
 from optimizer.budget import MIN_BUDGET_TOKENS, token_budget
 from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, model_source, prepare_loaded
 from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, effective_top_k
@@ -84,7 +84,7 @@ async def test_loads_in_background_then_serves(tiny_model_dir: Path) -> None:
     await ready(optimizer)
     try:
         status = optimizer.status()
-        assert status.detail.endswith("on cpu (float32)")
+        assert status.detail.endswith("on cpu (float32)") and status.speed is None  # offline: not measured
         assert optimizer.identity.startswith(f"hf:{tiny_model_dir.name}@") and "pending" not in optimizer.identity
         assert optimizer.loaded is not None and optimizer.loaded.tokenizer.padding_side == "left"
         rewrite = await optimizer.optimize("Tell me about black holes.", "stable")
@@ -381,3 +381,35 @@ def test_model_source_reads_gguf_files_dirs_and_hub_ids(tmp_path: Path) -> None:
     assert model_source(str(tmp_path)) == (str(tmp_path), None)
     assert model_source("owner/repo-GGUF/sub/m.gguf") == ("owner/repo-GGUF", "sub/m.gguf")
     assert model_source("THUDM/BPO") == ("THUDM/BPO", None)
+
+
+async def test_speed_is_measured_at_start_and_a_short_deadline_is_reported(tiny_model_dir: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    options = replace(OPTIONS, request_timeout=1e-6, measure_speed=True)
+    with caplog.at_level("WARNING", logger="bpo.optimizer.hf"):
+        optimizer = await ready(HFOptimizer(str(tiny_model_dir), options))
+    try:
+        speed = optimizer.status().speed
+        assert speed is not None and speed["tokens_per_second"] > 0 and speed["deadline_too_short"] is True
+        assert "tokens/s" in optimizer.status().detail and "over the 1e-06 s deadline" in optimizer.status().detail
+        (warning,) = [r for r in caplog.records if "deadline" in r.getMessage()]
+        assert "below what cpu can do" in warning.getMessage()
+        # The queue cannot finish within the deadline: refused at once, nothing generated.
+        with pytest.raises(OptimizerBusy, match="deadline"):
+            await optimizer.optimize("Tell me about black holes.", "stable")
+    finally:
+        await optimizer.close()
+
+
+async def test_busy_fails_open_at_once_through_the_pipeline(tiny_model_dir: Path) -> None:
+    from optimizer.cache import LocalTier, MemoryCache
+    from optimizer.pipeline import RewritePipeline
+
+    optimizer = await ready(HFOptimizer(str(tiny_model_dir), replace(OPTIONS, request_timeout=1e-6,
+                                                                      measure_speed=True)))
+    pipeline = RewritePipeline(optimizer, MemoryCache(LocalTier(10, 1 << 20, 60)), timeout=30.0, max_chars=8000)
+    try:
+        outcome = await pipeline.run("Tell me about black holes.", "stable")
+    finally:
+        await optimizer.close()
+    assert (outcome.applied, outcome.reason, outcome.text) == (False, "busy", "Tell me about black holes.")
