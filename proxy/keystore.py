@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 
+from optimizer.urls import redact_url
 from proxy.keys import ClientKey, key_from_spec
 from proxy.limits import BUDGET_EXCEEDED, RATE_LIMITED, Admission, Ask, Bucket, period_start, retry_after
 
@@ -377,7 +378,7 @@ def count_keys_now(spec: str, namespace: str = "bpo") -> int:
             with client:
                 return int(client.scard(f"{namespace}:keys:active"))  # type: ignore[arg-type]
         except (redis.RedisError, OSError) as exc:
-            raise KeyStoreError(f"key store {spec}: {exc}") from exc
+            raise KeyStoreError(f"key store {redact_url(spec)}: {exc}") from exc
     path = spec.removeprefix("sqlite:")
     if not os.path.exists(path):
         return 0

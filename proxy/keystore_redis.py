@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from optimizer.urls import redact_url
 from proxy.keys import ClientKey, key_from_spec
 from proxy.keystore import KeyRecord, KeyStoreError, Settlement, reservation_id
 from proxy.limits import Admission, Ask
@@ -143,7 +144,7 @@ class RedisKeyStore:
     """Keys under ``bpo:keys:*``; every replica pointed at the same Redis shares keys, spend and limits."""
 
     def __init__(self, url: str, *, op_timeout: float = 2.0, namespace: str = NAMESPACE) -> None:
-        self.url = url
+        self.url = redact_url(url)  # for messages only: it is logged
         self.ns = namespace
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=op_timeout, socket_connect_timeout=op_timeout,

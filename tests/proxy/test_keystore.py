@@ -216,3 +216,14 @@ async def test_a_redis_store_that_is_down_raises_the_store_error() -> None:
     with pytest.raises(KeyStoreError):
         await store.find(hash_key("x"))
     await store.close()
+
+
+async def test_a_store_error_never_shows_the_redis_password() -> None:
+    store = build_key_store("redis://:s3cret@127.0.0.1:1/0")
+    with pytest.raises(KeyStoreError) as caught:
+        await store.find(hash_key("x"))
+    await store.close()
+    assert "127.0.0.1" in str(caught.value) and "s3cret" not in str(caught.value)
+    with pytest.raises(KeyStoreError) as caught:
+        count_keys_now("redis://:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in str(caught.value)
