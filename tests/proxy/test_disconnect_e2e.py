@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -53,14 +54,18 @@ def disconnects(proxy: RunningProxy, stage: str) -> float:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_leaves_closes_the_upstream_call(upstream: FakeUpstream, start_proxy: StartProxy,
-                                                       stream: bool) -> None:
+                                                       tmp_path: Path, stream: bool) -> None:
     upstream.responders["/v1/chat/completions"] = lambda recorded: replace(chat_reply(recorded.json),
                                                                            delay=PATIENCE * 2)
-    proxy = start_proxy(upstream_timeout=PATIENCE * 3)
+    events = tmp_path / "events.jsonl"
+    proxy = start_proxy(upstream_timeout=PATIENCE * 3, events=f"jsonl:{events}")
     send_and_leave(proxy, {**BODY, "stream": stream}, "off",
                    lambda: len(upstream.requests_to("/v1/chat/completions")) == 1, "the request reached the upstream")
     wait_until(lambda: upstream.abandoned == 1, "the upstream saw its connection closed")
     wait_until(lambda: disconnects(proxy, "upstream") == 1, "the disconnect was counted")
+    proxy.stop()  # the events sink flushes on close
+    (event,) = [json.loads(line) for line in events.read_text().splitlines()]
+    assert (event["type"], event["status"]) == ("request", 499)
 
 
 def test_a_client_that_leaves_during_the_rewrite_is_never_sent_upstream(upstream: FakeUpstream,
