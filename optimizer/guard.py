@@ -19,8 +19,12 @@ MAX_LENGTH_FLOOR_WORDS = 64
 # A later paragraph this long is material to work on (an article to summarise, a note to polish):
 # it must reach the target unchanged.
 PASSAGE_MIN_WORDS = 20
-# Strings the optimizer must never emit unless the user wrote them: template and critic markers.
-LEAK_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "[PROTECT]", "[KEEP", "[INSTRUCTION]")
+# Strings the optimizer must never emit unless the user wrote them (any case): the template's and the
+# chat format's markers, the protection markers aggressive decoding bans, and the scaffolding of the critic
+# answers the training pairs are cut from. training/filters.py drops pairs by this same list.
+LEAK_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "[PROTECT]", "[/PROTECT]", "[KEEP", "[INSTRUCTION]",
+                "[/INSTRUCTION]", "[CONTEXT]", "[GOOD RESPONSE]", "[BAD RESPONSE]", "[END]",
+                "Optimized Instruction:", "Detailed Comparison Result")
 
 # Every pattern here runs on the event loop over whatever the user sent, so each is built to take time
 # linear in the text: a match can only start where no earlier start would have scanned the same run
@@ -97,7 +101,8 @@ def _check_nonempty(original: str, rewrite: str) -> str | None:
 
 
 def _check_markers(original: str, rewrite: str) -> str | None:
-    leaked = next((m for m in LEAK_MARKERS if m in rewrite and m not in original), None)
+    before, after = original.lower(), rewrite.lower()
+    leaked = next((m for m in LEAK_MARKERS if m.lower() in after and m.lower() not in before), None)
     return f"template marker {leaked!r} leaked into the rewrite" if leaked else None
 
 
@@ -199,6 +204,9 @@ RULES: tuple[GuardRule, ...] = (
     GuardRule("answer", "a request, not a reply: asks for something when the original did", check_answer),
     GuardRule("off-topic", "a fifth of the original's content words (3+ of them)", check_topic),
 )
+
+
+RULES_BY_NAME = {rule.name: rule for rule in RULES}
 
 
 def check_rewrite(original: str, rewrite: str, rules: Iterable[GuardRule] = RULES) -> GuardVerdict:

@@ -7,8 +7,6 @@ import functools
 import re
 from collections import Counter
 
-from optimizer.template import TEMPLATE
-
 # Words, with "you're" read as "you are": an echo may write the template either way.
 _WORD = re.compile(r"[^\W_]+")
 _CONTRACTION = re.compile(r"(?<=\w)['’](re|ll|ve|m|d)\b", re.IGNORECASE)
@@ -74,14 +72,21 @@ def words(text: str) -> tuple[str, ...]:
     return tuple(_WORD.findall(expanded.lower()))
 
 
-_TEMPLATE_WORDS = words(TEMPLATE.split("{prompt}")[0].replace("[INST]", ""))
-_TEMPLATE_SHINGLES = frozenset(_TEMPLATE_WORDS[i:i + ECHO_SHINGLE_WORDS]
-                               for i in range(len(_TEMPLATE_WORDS) - ECHO_SHINGLE_WORDS + 1))
+@functools.cache
+def _template_shingles() -> frozenset[tuple[str, ...]]:
+    """The 4-word runs of the template's instruction (imported late: the template module reads the guard's
+    length bounds, and the guard reads this module)."""
+    from optimizer.template import TEMPLATE
+
+    template = words(TEMPLATE.split("{prompt}")[0].replace("[INST]", ""))
+    return frozenset(template[i:i + ECHO_SHINGLE_WORDS] for i in range(len(template) - ECHO_SHINGLE_WORDS + 1))
 
 
 def _template_shingles_in(tokens: tuple[str, ...]) -> set[tuple[str, ...]]:
-    starts = (i for i, token in enumerate(tokens) if token in _TEMPLATE_WORDS)
-    return {gram for i in starts if (gram := tokens[i:i + ECHO_SHINGLE_WORDS]) in _TEMPLATE_SHINGLES}
+    shingles = _template_shingles()
+    openers = {gram[0] for gram in shingles}
+    starts = (i for i, token in enumerate(tokens) if token in openers)
+    return {gram for i in starts if (gram := tokens[i:i + ECHO_SHINGLE_WORDS]) in shingles}
 
 
 def check_template_echo(original: str, rewrite: str) -> str | None:

@@ -47,6 +47,9 @@ class Outcome:
     reason: str | None
     cache: CacheResult
     optimizer: str
+    # A guard rejection: the rule that failed and the rewrite it refused (for X-BPO-Debug and events only).
+    guard_rule: str | None = None
+    rejected: str | None = None
 
 
 class RewritePipeline:
@@ -97,6 +100,8 @@ class RewritePipeline:
     def _verdict(text: str, value: CachedRewrite, cache: CacheResult) -> Outcome:
         if value.verdict == "applied":
             return Outcome(value.text, True, None, cache, value.optimizer)
+        if value.verdict == GUARD_REJECTED:
+            return Outcome(text, False, value.verdict, cache, value.optimizer, value.guard_rule, value.text or None)
         return Outcome(text, False, value.verdict, cache, value.optimizer)
 
     def _fail_open(self, text: str, reason: str, cache: CacheResult, optimizer: str, component: str) -> Outcome:
@@ -115,7 +120,6 @@ class RewritePipeline:
         if not candidate or candidate == text.strip():
             return CachedRewrite("", UNCHANGED, rewrite.optimizer, time.time())
         verdict = check_rewrite(text, candidate)
-        if not verdict.accepted:
-            log.info("guard rejected a rewrite: rule=%s", verdict.rule)
-            return CachedRewrite("", GUARD_REJECTED, rewrite.optimizer, time.time(), verdict.rule)
+        if not verdict.accepted:  # kept with its rule, so a debug request or an event can show what was refused
+            return CachedRewrite(candidate, GUARD_REJECTED, rewrite.optimizer, time.time(), verdict.rule)
         return CachedRewrite(candidate, "applied", rewrite.optimizer, time.time())

@@ -59,6 +59,8 @@ class Rewritten:
     cache: str
     optimizer: str
     optimized_text: str | None
+    guard_rule: str | None = None  # the guard's rule, when it rejected the rewrite
+    rejected_text: str | None = None  # the rejected rewrite: X-BPO-Debug and events with text only
 
 
 def header_safe(value: str) -> str:
@@ -209,7 +211,8 @@ class ChatService:
         tenant = tenant_of(api_key) if self.settings.cache_per_tenant and api_key else ""
         outcome = await self.pipeline.run(turn.prompt.text, decision.mode, tenant)  # the whole turn: one call
         if not outcome.applied:
-            return Rewritten(None, False, outcome.reason, outcome.cache, outcome.optimizer, None)
+            return Rewritten(None, False, outcome.reason, outcome.cache, outcome.optimizer, None,
+                             outcome.guard_rule, outcome.rejected)
         body = replace_user_text(chat.exact_body, turn, outcome.text)
         return Rewritten(body, True, None, outcome.cache, outcome.optimizer, outcome.text)
 
@@ -235,6 +238,10 @@ class ChatService:
             out["x-bpo-arm"] = decision.arm
         if debug and rewritten.optimized_text is not None:
             out["x-bpo-optimized-prompt"] = quote(rewritten.optimized_text, safe="")
+        if debug and rewritten.guard_rule is not None:  # what the guard refused, and by which rule
+            out["x-bpo-guard-rule"] = rewritten.guard_rule
+            if rewritten.rejected_text is not None:
+                out["x-bpo-optimized-prompt"] = quote(rewritten.rejected_text, safe="")
         return out
 
     def _account(self, request_id: str, chat: ChatRequest, decision: ArmDecision, rewritten: Rewritten,
@@ -245,6 +252,8 @@ class ChatService:
         self.metrics.observe_request(arm, rewritten.applied, rewritten.reason or "", total,
                                      exchange.upstream_seconds, exchange.usage)
         self.recent.remember(request_id, arm)
+        if rewritten.guard_rule is not None and rewritten.cache != "hit":  # the rule, never the text
+            log.info("guard rejected a rewrite: request_id=%s rule=%s", request_id, rewritten.guard_rule)
         if self.access_log is not None:  # never the prompt: it may hold personal data
             self.access_log.record({
                 "request_id": request_id, "model": chat.model, "status": exchange.status, "arm": arm,
@@ -269,8 +278,12 @@ class ChatService:
         }
         if exchange.error:
             event["error"] = exchange.error
+        if rewritten.guard_rule is not None:
+            event["guard_rule"] = rewritten.guard_rule
         if self.settings.events_include_text:
             turn = find_last_user_turn(chat.body["messages"])
             event["prompt"] = turn.prompt.text if turn else None
             event["optimized_prompt"] = rewritten.optimized_text
+            if rewritten.rejected_text is not None:
+                event["rejected_prompt"] = rewritten.rejected_text
         return event

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from training.critic import CRITIC_PROMPT_VERSION, CriticParseError, build_critic_messages, parse_critic_output
-from training.filters import FilterRules, FilterStats, place_context, rejection_reason
+from training.filters import FilterStats, place_context, rejection_reason
+from training.manifest import saved_config
 from training.records import JsonlAppender, Record, read_done, stable_key, write_json
-from training.run_config import saved_config
 from training.sources import FORMATS, load_preferences
 
 
@@ -38,10 +38,6 @@ class BuildConfig:
         "help": "seconds the first retry waits at most (jittered, doubling each retry)"})
     temperature: float = field(default=0.0, metadata={"help": "critic sampling temperature"})
     max_tokens: int = field(default=2048, metadata={"help": "critic answer token limit"})
-    max_shrink: float = field(default=2.0, metadata={
-        "help": "drop pairs whose original/optimized word ratio exceeds this"})
-    max_growth: float = field(default=6.0, metadata={
-        "help": "drop pairs whose optimized/original word ratio exceeds this"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @property
@@ -78,8 +74,7 @@ def judge_record(record: Record, text: str, finish_reason: str | None, config: B
     except CriticParseError as exc:
         return {"key": record["key"], "reason": f"unparsable-{exc.reason}", "instruction": record["instruction"],
                 "critic_output": text}
-    rules = FilterRules(config.max_shrink, config.max_growth)
-    reason = rejection_reason(record["instruction"], verdict.optimized_instruction, rules)
+    reason = rejection_reason(record["instruction"], verdict.optimized_instruction, record.get("context") or "")
     if reason:
         return {"key": record["key"], "reason": reason, "instruction": record["instruction"],
                 "optimized_instruction": verdict.optimized_instruction, "critic_output": text}

@@ -1,66 +1,34 @@
-"""The rules that turn critic verdicts into training pairs: length bounds, leaked markers, lost spans,
-and where the context passage goes."""
+"""Which critic rewrites become training pairs: the serving guard's own rule table, so the optimizer is never
+trained on a rewrite the gateway would refuse to forward, plus what only training needs; and where the context
+passage goes."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from optimizer.template import BANNED_STRINGS
-from training.critic import protected_spans
+from optimizer.guard import RULES_BY_NAME, check_rewrite
 from training.records import join_context
 
-# Markers of the critic prompt and its answer format: a rewrite that contains one leaked the scaffolding.
-PROTECTION_MARKERS = (*BANNED_STRINGS, "[/PROTECT]", "[/INSTRUCTION]", "[CONTEXT]", "[GOOD RESPONSE]",
-                      "[BAD RESPONSE]", "[END]", "Optimized Instruction:", "Detailed Comparison Result")
+# Training only: the critic rewrote the instruction alone, so the guard's length bounds also hold for the
+# instruction without its context (a long context on both sides would hide a rewrite that dropped half the
+# instruction). The same rule, the same bounds.
+INSTRUCTION_LENGTH = "instruction-length"
 
 
-@dataclass(frozen=True)
-class FilterRules:
-    """Bounds from the paper: drop when original/optimized > 2 or optimized/original > 6 (in words)."""
+def rejection_reason(instruction: str, optimized_instruction: str, context: str = "") -> str | None:
+    """Why a critic's rewrite of ``instruction`` must not become a training pair, or None to keep it.
 
-    max_shrink: float = 2.0
-    max_growth: float = 6.0
-    require_protected_spans: bool = True
-
-
-def word_count(text: str) -> int:
-    return len(text.split())
-
-
-def length_ratio_violation(original: str, optimized: str, rules: FilterRules) -> str | None:
-    before, after = max(word_count(original), 1), max(word_count(optimized), 1)
-    if before / after > rules.max_shrink:
-        return "too-short"
-    if after / before > rules.max_growth:
-        return "too-long"
+    The reason is the name of the first guard rule the pair fails, checked as the optimizer would see and
+    write it (the context placed on both sides), else ``instruction-length``.
+    """
+    prompt, optimized = place_context(instruction, context, optimized_instruction)
+    verdict = check_rewrite(prompt, optimized)
+    if not verdict.accepted:
+        return verdict.rule
+    if RULES_BY_NAME["length"].check(instruction, optimized_instruction) is not None:
+        return INSTRUCTION_LENGTH
     return None
-
-
-def leaked_marker(text: str) -> str | None:
-    lowered = text.lower()
-    return next((marker for marker in PROTECTION_MARKERS if marker.lower() in lowered), None)
-
-
-def rejection_reason(instruction: str, optimized: str, rules: FilterRules) -> str | None:
-    """Why a critic's rewrite of ``instruction`` must not become a training pair, or None to keep it."""
-    if leaked_marker(optimized):
-        return "protection-marker"
-    ratio = length_ratio_violation(instruction, optimized, rules)
-    if ratio:
-        return f"length-ratio-{ratio}"
-    if rules.require_protected_spans and not all(span_kept(span, optimized) for span in protected_spans(instruction)):
-        return "lost-protected-span"
-    return None
-
-
-def span_kept(span: str, rewrite: str) -> bool:
-    """Code must come back exactly; a quoted passage must keep its words, while its quote marks and a
-    trailing punctuation mark may move (``"sight."`` -> ``"sight".``)."""
-    if span.startswith("`"):
-        return span in rewrite
-    inner = span[1:-1].strip().rstrip(".,;:!?").strip()
-    return inner in rewrite
 
 
 def place_context(instruction: str, context: str, optimized: str) -> tuple[str, str]:

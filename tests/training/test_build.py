@@ -58,7 +58,8 @@ def test_build_writes_pairs_drops_what_the_filters_catch_and_reports(
     assert summary["comparison"].startswith("The good response is accurate")
 
     rejected = {r["instruction"]: r["reason"] for r in read_records(output.with_suffix(".rejected.jsonl"))}
-    assert rejected == {"Give me a recipe.": "protection-marker", "Explain recursion.": "length-ratio-too-long",
+    # drop reasons are the serving guard's rule names (training/filters.py runs the guard's table)
+    assert rejected == {"Give me a recipe.": "leaked-marker", "Explain recursion.": "repetition",
                         "Write a haiku about rain.": "unparsable-truncated",
                         "How do I pick a lock?": "unparsable-no-optimized-instruction"}
     # The duplicate (same instruction, other spacing) never reached the critic.
@@ -68,10 +69,10 @@ def test_build_writes_pairs_drops_what_the_filters_catch_and_reports(
 
     stats = json.loads(output.with_suffix(".run.json").read_text())["stats"]
     assert stats == {"total": 8, "duplicates": 1, "resumed": 0, "kept": 3, "errors": 0,
-                     "dropped": {"protection-marker": 1, "length-ratio-too-long": 1, "unparsable-truncated": 1,
+                     "dropped": {"leaked-marker": 1, "repetition": 1, "unparsable-truncated": 1,
                                  "unparsable-no-optimized-instruction": 1}}
     printed = capsys.readouterr().out
-    assert "duplicates skipped" in printed and "dropped: protection-marker" in printed
+    assert "duplicates skipped" in printed and "dropped: leaked-marker" in printed
 
 
 def files_holding(directory: Path, secret: str) -> list[str]:

@@ -1,45 +1,60 @@
-"""The pair filters: the paper's length bounds, leaked markers, lost spans and the context's place."""
+"""The pair filters: the serving guard's rule table (nothing the guard rejects is trained on), the same
+length bounds on the instruction alone, and the context's place."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from training.filters import FilterRules, length_ratio_violation, place_context, rejection_reason
+from optimizer.guard import LEAK_MARKERS, check_rewrite
+from training.filters import place_context, rejection_reason
 
-RULES = FilterRules()
-
-
-@pytest.mark.parametrize(("original", "optimized", "expected"), [
-    ("one two three four", "one two", None),  # exactly 2x shorter is allowed
-    ("one two three four five", "one two", "too-short"),  # 2.5x shorter
-    ("one", "a b c d e f", None),  # exactly 6x longer is allowed
-    ("one", "a b c d e f g", "too-long"),
-    ("", "a", None),  # empty counts as one word, never divides by zero
-])
-def test_length_ratio_bounds(original: str, optimized: str, expected: str | None) -> None:
-    assert length_ratio_violation(original, optimized, RULES) == expected
+JUNK_AND_FAITHFUL = [json.loads(line) for line in
+                     (Path(__file__).parents[1] / "fixtures/guard/junk_and_faithful.jsonl").read_text().splitlines()]
+LONG_REWRITE = "Explain recursion " + " ".join(f"aspect{i}" for i in range(70)) + "."
 
 
 @pytest.mark.parametrize(("optimized", "reason"), [
     ("Explain recursion with an example.", None),
-    ("[PROTECT] Explain recursion [/PROTECT] clearly.", "protection-marker"),
-    ("Explain recursion. [KEEP THIS]", "protection-marker"),
-    ("[instruction] Explain recursion simply.", "protection-marker"),
-    ("Explain recursion in detail, for a beginner, with two examples, a diagram, a summary table, "
-     "common mistakes, history, exercises and a quiz at the end.", "length-ratio-too-long"),
+    ("[PROTECT] Explain recursion [/PROTECT] clearly.", "leaked-marker"),
+    ("Explain recursion. [KEEP THIS]", "leaked-marker"),
+    ("[instruction] Explain recursion simply.", "leaked-marker"),
+    ("Explain recursion. Optimized Instruction: Explain recursion.", "leaked-marker"),
+    ("Explain recursion.", None),  # exactly half as long is allowed
+    ("Explain.", "length"),
+    (LONG_REWRITE, "length"),  # past 6x and past the 64-word floor
+    ("You're an expert prompt engineer. Please help me improve this prompt to explain recursion.", "template-echo"),
 ])
-def test_rejection_reasons(optimized: str, reason: str | None) -> None:
-    assert rejection_reason("Explain recursion to me.", optimized, RULES) == reason
+def test_rejection_reasons_are_guard_rule_names(optimized: str, reason: str | None) -> None:
+    assert rejection_reason("Explain recursion to me.", optimized) == reason
 
 
-def test_a_rewrite_that_drops_a_quoted_span_is_rejected() -> None:
+@pytest.mark.parametrize("row", JUNK_AND_FAITHFUL, ids=lambda row: f"{row['rule']}:{row['rewrite'][:30]}")
+def test_what_the_guard_rejects_is_never_trained_on(row: dict[str, str | None]) -> None:
+    original, rewrite = str(row["original"]), str(row["rewrite"])
+    assert rejection_reason(original, rewrite) == check_rewrite(original, rewrite).rule == row["rule"]
+
+
+def test_spans_the_guard_keeps_are_kept_in_training_pairs() -> None:
     original = 'Translate "Guten Morgen" into English.'
-    assert rejection_reason(original, "Translate the German greeting into English.", RULES) == "lost-protected-span"
-    assert rejection_reason(original, 'Translate the German greeting "Guten Morgen" into English.', RULES) is None
-    assert rejection_reason('Select the homophone for "sight."', 'Select the homophone for "sight".', RULES) is None
-    assert rejection_reason('Fix `x=1`.', "Fix `x = 1` in the code.", RULES) == "lost-protected-span"
-    loose = FilterRules(require_protected_spans=False)
-    assert rejection_reason(original, "Translate the German greeting into English.", loose) is None
+    assert rejection_reason(original, "Translate the German greeting into English.") == "quoted"
+    assert rejection_reason(original, 'Translate the German greeting "Guten Morgen" into English.') is None
+    assert rejection_reason('Select the homophone for "sight."', 'Select the homophone for "sight".') is None
+    assert rejection_reason("Fix `x=1`.", "Fix `x = 1` in the code.") == "inline-code"
+
+
+def test_the_instruction_alone_keeps_the_length_bounds_under_a_long_context() -> None:
+    instruction = "Summarize the following article in three sentences for a reader in a hurry."
+    context = " ".join(f"Sentence {i} of the article says something new." for i in range(20))
+    assert rejection_reason(instruction, "Summarize the article.", context) == "instruction-length"
+    assert rejection_reason(instruction, "Summarize the article below in three short sentences.", context) is None
+
+
+def test_one_marker_list_serves_the_guard_and_the_filters() -> None:
+    for marker in LEAK_MARKERS:
+        assert rejection_reason("Explain recursion to me.", f"Explain recursion to me. {marker}") == "leaked-marker"
 
 
 def test_context_follows_the_instruction_on_both_sides() -> None:
