@@ -8,11 +8,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from optimizer.manifest import MANIFEST_NAME, ManifestError
-from optimizer.manifest import read_manifest as read_optimizer_manifest
-
 log = logging.getLogger("bpo.optimizer")
 
+MANIFEST_FILE = "bpo_manifest.json"
 # Files whose content decides what a model dir generates; the weights are sampled, the rest hashed whole.
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "adapter_config.json")
@@ -41,14 +39,17 @@ def short_hash(*parts: str | bytes, length: int = 12) -> str:
 
 
 def read_manifest(model_dir: Path) -> tuple[str, str] | None:
-    """``(name, version)`` from the ``bpo_manifest.json`` that ``bpo train`` writes (optimizer/manifest.py).
+    """``(name, version)`` from the ``bpo_manifest.json`` that ``bpo train`` writes (training/manifest.py).
 
     A broken manifest is reported and ignored: the content hash still tells model versions apart.
     """
+    from training.manifest import ManifestError
+    from training.manifest import read_manifest as read_training_manifest
+
     try:
-        manifest = read_optimizer_manifest(model_dir)
+        manifest = read_training_manifest(model_dir)
     except ManifestError as exc:
-        log.warning("ignoring %s: %s", MANIFEST_NAME, exc)
+        log.warning("ignoring %s: %s", MANIFEST_FILE, exc)
         return None
     return (manifest.name, manifest.version) if manifest is not None else None
 
@@ -80,15 +81,13 @@ def _sample_file(path: Path, sample_bytes: int) -> bytes:
 
 
 def hf_identity(target: str, commit_hash: str | None = None) -> str:
-    """``hf:`` identity: the training manifest, else a hash of the local dir or file, else the hub revision."""
+    """``hf:`` identity: the training manifest, else a hash of the local dir, else the hub revision."""
     model_dir = Path(os.path.expanduser(target))
     if model_dir.is_dir():
         manifest = read_manifest(model_dir)
         if manifest is not None:
             return format_identity(f"hf:{manifest[0]}", manifest[1])
         return format_identity(f"hf:{model_dir.name or target}", hash_model_dir(model_dir))
-    if model_dir.is_file():  # a GGUF file: its name, and its bytes sampled as a model dir's weights are
-        return format_identity(f"hf:{model_dir.name}", _sample_file(model_dir, SAMPLE_BYTES).hex()[:12])
     return format_identity(f"hf:{target}", commit_hash[:12] if commit_hash else "unknown-revision")
 
 

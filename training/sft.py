@@ -19,22 +19,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from training.errors import ConfigError, DataError
-from training.records import Record, read_records, sha256_file, write_json
-from training.run_config import saved_config
+from training.manifest import saved_config
+from training.records import Record, read_records, sha256_file, write_json, write_jsonl
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from trl.trainer.sft_trainer import SFTTrainer
 
+    from optimizer.base import Mode
+
 Loaded = TypeVar("Loaded")
 CONFIG_NAME = "bpo_train_config.json"
+HELD_OUT_NAME = "held_out.jsonl"  # the pairs --eval-fraction kept out of training
 IGNORE_INDEX = -100  # the label value the loss skips (the prompt's tokens)
 
 
 @dataclass
 class TrainConfig:
-    base: str = field(metadata={"help": "base model: a transformers model dir or hub id"})
-    data: str = field(metadata={"help": "pairs JSONL (prompt, optimized_prompt) from bpo data build"})
+    base: str = field(metadata={
+        "help": "base model: a transformers model dir, a hub id, or a llama.cpp GGUF file (dequantized)"})
+    data: str = field(metadata={
+        "help": "pairs: JSONL of prompt/optimized_prompt (bpo data build), or the BPO release's processed "
+                "pairs (final_input/final_output, its pairs.json)"})
     output: str = field(metadata={"help": "model dir to write; loads with --optimizer hf:DIR"})
     max_steps: int = field(default=-1, metadata={
         "help": "stop after N optimizer steps (smoke runs); -1: use --epochs"})
@@ -56,7 +62,8 @@ class TrainConfig:
     eval_fraction: float = field(default=0.0, metadata={
         "help": "hold out this share of pairs for eval loss and offline metrics"})
     eval_generate: int = field(default=16, metadata={
-        "help": "rewrite up to N held-out prompts greedily after training for offline metrics"})
+        "help": "rewrite up to N held-out prompts after training, decoded as the hf: backend serves them "
+                "(stable mode, --seed), for offline metrics"})
     bf16: bool | None = field(default=None, metadata={
         "help": "train in bf16 (default: on when the GPU supports it)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={
@@ -92,11 +99,26 @@ class Prepared:
     data_sha256: str
 
 
+# (prompt field, rewrite field): ours first, then the BPO release's processed pairs (its pairs.json).
+PAIR_FIELDS = (("prompt", "optimized_prompt"), ("final_input", "final_output"))
+
+
+def as_pair(record: Record) -> Record | None:
+    """The record as a ``prompt``/``optimized_prompt`` pair, or None when it carries neither layout."""
+    for prompt, rewrite in PAIR_FIELDS:
+        if isinstance(record.get(prompt), str) and isinstance(record.get(rewrite), str):
+            return {**record, "prompt": record[prompt], "optimized_prompt": record[rewrite]}
+    return None
+
+
 def load_pairs(path: str) -> list[Record]:
-    pairs = read_records(path)
-    for number, pair in enumerate(pairs, start=1):
-        if not isinstance(pair.get("prompt"), str) or not isinstance(pair.get("optimized_prompt"), str):
-            raise DataError(f"{path}: pair {number} needs string prompt and optimized_prompt fields")
+    pairs = []
+    for number, record in enumerate(read_records(path), start=1):
+        pair = as_pair(record)
+        if pair is None:
+            raise DataError(f"{path}: pair {number} needs string prompt and optimized_prompt fields "
+                            "(or final_input and final_output, as in the BPO release)")
+        pairs.append(pair)
     pairs = [p for p in pairs if p["prompt"].strip() and p["optimized_prompt"].strip()]
     if not pairs:
         raise DataError(f"{path}: no pairs to train on")
@@ -126,12 +148,31 @@ def context_limit(base: str, requested: int) -> int:
     return min(requested, positions) if isinstance(positions, int) else requested
 
 
-def from_base(base: str, load: Callable[[str], Loaded], what: str) -> Loaded:
+def from_base(base: str, load: Callable[..., Loaded], what: str, **kwargs: Any) -> Loaded:
     """``load(base)``; transformers' errors for a base that holds no usable model name the flag."""
+    from optimizer.hf import model_source  # the hf: backend's reading of a path: a dir, a GGUF file, a hub id
+
+    source, gguf_file = model_source(base)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return load(base)
+        return load(source, **extra, **kwargs)
     except (OSError, ValueError) as exc:  # transformers raises either for a wrong path or an empty dir
         raise ConfigError(f"--base {base}: cannot load its {what}: {exc}") from exc
+    except ImportError as exc:  # a GGUF base without the gguf package
+        raise ConfigError(f"--base {base}: {exc}; install the train extra: pip install 'bpo-proxy[train]'") from exc
+
+
+def load_base_model(base: str, dtype: Any) -> Any:
+    """The base as a plain, trainable and saveable causal LM (a GGUF file is dequantized on load)."""
+    from transformers import AutoModelForCausalLM
+
+    model: Any = from_base(base, AutoModelForCausalLM.from_pretrained, "model", dtype=dtype)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and base.endswith(".gguf"):
+        # transformers keeps its GGUF quantizer on the dense weights it unpacked, and then refuses to train
+        # or save the model: the weights are plain tensors, so the model is made a plain one.
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def prepare(config: TrainConfig, pairs: list[Record] | None = None) -> Prepared:
@@ -169,7 +210,6 @@ def build_trainer(config: TrainConfig, prepared: Prepared) -> SFTTrainer:
     """TRL's SFTTrainer on the pre-tokenized pairs (it skips its own tokenization when ids are given)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl.trainer.sft_config import SFTConfig
     from trl.trainer.sft_trainer import SFTTrainer
 
@@ -179,7 +219,7 @@ def build_trainer(config: TrainConfig, prepared: Prepared) -> SFTTrainer:
     # A full fine-tune keeps fp32 master weights and runs bf16 under autocast: updates of lr 2e-5 would
     # vanish in bf16 weights. LoRA trains fp32 adapters on a frozen base, so the base may sit in bf16.
     dtype = torch.bfloat16 if bf16 and config.lora else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(config.base, dtype=dtype)
+    model = load_base_model(config.base, dtype)
     args = SFTConfig(
         output_dir=str(Path(config.output) / "checkpoints"), max_length=None, packing=False,
         num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
@@ -211,36 +251,57 @@ def loss_curve(trainer: SFTTrainer) -> list[float]:
     return [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
 
 
-def generate_rewrites(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                      max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
-    """Greedy rewrites of ``prompts`` with the optimizer template (offline metrics, the overfit test)."""
-    import torch
+def served_rewrites(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seed: int,
+                    mode: Mode = "stable") -> list[str | None]:
+    """Rewrites of ``prompts`` decoded as the ``hf:`` backend serves them (template, mode, sampling, stops,
+    token budget, seeded per prompt); None where the backend fails (a truncated rewrite, say)."""
+    from optimizer.base import OptimizerOptions
+    from optimizer.hf import GenerationRequest, generate_batch, prepare_loaded
 
-    from optimizer.template import build_prompt
-
-    tokenizer.padding_side = "left"  # generation continues each row from its last real token
-    rewrites: list[str] = []
+    options = OptimizerOptions(seed=seed)
+    loaded = prepare_loaded("bpo-train-eval", model, tokenizer, str(model.device), str(model.dtype))
     model.eval()
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer([build_prompt(p) for p in prompts[start:start + batch_size]], return_tensors="pt",
-                          padding=True).to(model.device)
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        rewrites += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    rewrites: list[str | None] = []
+    for start in range(0, len(prompts), options.max_batch_size):
+        batch = [GenerationRequest(text, mode) for text in prompts[start:start + options.max_batch_size]]
+        results = generate_batch(loaded, options, batch, lambda row: False)
+        rewrites += [None if isinstance(result, BaseException) or result.truncated else result.text
+                     for result in results]
     return rewrites
 
 
-def offline_metrics(model: Any, prepared: Prepared, count: int) -> dict[str, Any]:
+def offline_metrics(model: Any, prepared: Prepared, count: int, seed: int) -> dict[str, Any]:
+    """Offline metrics of served rewrites of up to ``count`` held-out prompts; a failed rewrite counts as the
+    original prompt, which is what the gateway would forward."""
     from training.metrics import rewrite_metrics
 
     sample = prepared.held_out[:count]
     if not sample:
         return {}
-    rewrites = generate_rewrites(model, prepared.tokenizer, [p["prompt"] for p in sample])
-    metrics = rewrite_metrics([p["prompt"] for p in sample], rewrites, [p["optimized_prompt"] for p in sample])
-    return {f"heldout_{name}": value for name, value in metrics.as_dict().items()}
+    prompts = [p["prompt"] for p in sample]
+    rewrites = served_rewrites(model, prepared.tokenizer, prompts, seed)
+    forwarded = [rewrite if rewrite is not None else prompt for prompt, rewrite in zip(prompts, rewrites, strict=True)]
+    metrics = rewrite_metrics(prompts, forwarded, [p["optimized_prompt"] for p in sample]).as_dict()
+    metrics["failed"] = sum(rewrite is None for rewrite in rewrites)
+    return {f"heldout_{name}": value for name, value in metrics.items()}
+
+
+def smoothed(curve: list[float], at_end: bool) -> float:
+    """The mean of the first or last quarter of the logged losses: one noisy batch is not a trend."""
+    if not curve:
+        return float("nan")
+    window = max(1, len(curve) // 4)
+    part = curve[-window:] if at_end else curve[:window]
+    return sum(part) / len(part)
+
+
+def summary_line(output: Path, identity: str, metrics: dict[str, Any]) -> str:
+    line = (f"wrote {output} as {identity}: {metrics['steps']} steps, train loss {metrics['train_loss_start']:.3f}"
+            f" -> {metrics['train_loss_end']:.3f} (mean of the first / last quarter of logged steps)")
+    if "eval_loss" in metrics:
+        line += (f", held-out loss {metrics['base_eval_loss']:.3f} (base) -> {metrics['eval_loss']:.3f} "
+                 f"on {metrics['held_out_pairs']} pairs")
+    return line
 
 
 def hyperparameters(config: TrainConfig) -> dict[str, Any]:
@@ -251,7 +312,7 @@ def hyperparameters(config: TrainConfig) -> dict[str, Any]:
 
 def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: dict[str, Any]) -> None:
     """Write the model (LoRA merged in), the tokenizer, the run config and the manifest."""
-    from optimizer.manifest import build_manifest, write_manifest
+    from training.manifest import build_manifest, write_manifest
 
     output = Path(config.output)
     model: Any = trainer.model
@@ -265,15 +326,31 @@ def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: 
         return
     (output / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run's config is saved as JSON
     prepared.tokenizer.save_pretrained(output)
+    if prepared.held_out:
+        # The pairs this run never trained on, for bench/rewrite_quality.py and bpo eval.
+        write_jsonl(output / HELD_OUT_NAME, [{"prompt": p["prompt"], "optimized_prompt": p["optimized_prompt"]}
+                                             for p in prepared.held_out])
     if config.eval_generate and prepared.held_out:
-        metrics.update(offline_metrics(model, prepared, config.eval_generate))
+        metrics.update(offline_metrics(model, prepared, config.eval_generate, config.seed))
+    readable_by_all(output)
     write_json(output / CONFIG_NAME, {"stage": "train", "config": saved_config(config), "metrics": metrics,
                                       "finished": datetime.now(UTC).isoformat()})
     name = config.name or output.resolve().name
     manifest = build_manifest(output, name, config.base, prepared.data_sha256, hyperparameters(config), metrics)
     write_manifest(output, manifest)
-    print(f"wrote {output} as {manifest.identity}: {metrics['steps']} steps, "
-          f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f}")
+    print(summary_line(output, manifest.identity, metrics))
+
+
+def readable_by_all(output: Path) -> None:
+    """The saved files get the usual 0644 (less the umask): the weights were written 0600, so a server
+    running as another user (a container, a shared model dir) could not read them."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in output.iterdir():
+        if path.is_file():
+            path.chmod(0o644 & ~umask)
 
 
 def main(config: TrainConfig) -> dict[str, Any]:
@@ -285,15 +362,19 @@ def main(config: TrainConfig) -> dict[str, Any]:
     prepared = prepare(config, pairs)
     trainer = build_trainer(config, prepared)
     checkpoints = Path(config.output) / "checkpoints"
+    # The base model's held-out loss, before any step: the yardstick for the trained model's.
+    base_eval_loss = float(trainer.evaluate()["eval_loss"]) if prepared.held_out_encoded else None
     result = trainer.train(resume_from_checkpoint=config.resume and any(checkpoints.glob("checkpoint-*")))
     curve = loss_curve(trainer)
     metrics: dict[str, Any] = {
         "train_loss": float(result.training_loss), "first_loss": curve[0] if curve else float("nan"),
-        "last_loss": curve[-1] if curve else float("nan"), "steps": int(result.global_step),
+        "last_loss": curve[-1] if curve else float("nan"), "train_loss_start": smoothed(curve, at_end=False),
+        "train_loss_end": smoothed(curve, at_end=True), "steps": int(result.global_step),
         "train_pairs": len(prepared.train), "held_out_pairs": len(prepared.held_out),
         "dropped_too_long": prepared.dropped_too_long,
     }
     if prepared.held_out_encoded:
+        metrics["base_eval_loss"] = base_eval_loss
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     save(trainer, config, prepared, metrics)
     if not config.keep_checkpoints and trainer.is_world_process_zero():

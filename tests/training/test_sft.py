@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optimizer.manifest import read_manifest
 from tests.fakes.tiny_model import fixture_pairs
 from training.cli import main
+from training.manifest import read_manifest
 from training.records import write_jsonl
-from training.sft import IGNORE_INDEX, TrainConfig, build_trainer, encode_prompt, prepare
+from training.sft import IGNORE_INDEX, TrainConfig, build_trainer, encode_pair, encode_prompt, prepare
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +114,18 @@ def test_the_overfit_model_reproduces_its_training_rewrites_through_the_hf_backe
     assert rewrites == [p["optimized_prompt"] for p in pairs]
 
 
-def test_greedy_generation_reproduces_every_training_rewrite(overfit_dir: Path) -> None:
+def test_served_decoding_reproduces_every_training_rewrite(overfit_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.sft import generate_rewrites
+    from training.sft import served_rewrites
 
     pairs = fixture_pairs()[:8]
     model = AutoModelForCausalLM.from_pretrained(overfit_dir)
     tokenizer = AutoTokenizer.from_pretrained(overfit_dir)
-    rewrites = generate_rewrites(model, tokenizer, [p["prompt"] for p in pairs], max_new_tokens=64)
+    rewrites = served_rewrites(model, tokenizer, [p["prompt"] for p in pairs], seed=7)
     assert rewrites == [p["optimized_prompt"] for p in pairs]
     # Prompts it never saw do not come back as a training rewrite verbatim.
-    unseen = generate_rewrites(model, tokenizer, [fixture_pairs()[20]["prompt"]], max_new_tokens=64)
+    unseen = served_rewrites(model, tokenizer, [fixture_pairs()[20]["prompt"]], seed=7)
     assert unseen[0] != fixture_pairs()[20]["optimized_prompt"]
 
 
@@ -149,6 +149,46 @@ def test_lora_training_merges_adapters_and_reports_held_out_metrics(
     assert metrics["train_pairs"] == 9 and metrics["held_out_pairs"] == 3
     assert metrics["eval_loss"] > 0 and metrics["heldout_count"] == 2
     assert 0.0 <= metrics["heldout_copy_rate"] <= 1.0 and "heldout_reference_similarity" in metrics
+    # the held-out loss is compared with the base model's, measured on the same pairs before training
+    assert metrics["base_eval_loss"] > 0 and metrics["base_eval_loss"] != metrics["eval_loss"]
+    held_out = [json.loads(line) for line in (output / "held_out.jsonl").read_text().splitlines()]
+    assert len(held_out) == 3 and {p["prompt"] for p in held_out} <= {p["prompt"] for p in fixture_pairs()[:12]}
+    assert held_out[0].keys() == {"prompt", "optimized_prompt"}
+
+
+def test_summary_line_reports_smoothed_train_loss_and_held_out_loss_against_the_base(
+        tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(data, fixture_pairs()[:12])
+    output = tmp_path / "out"
+    code = main(["train", "--base", str(tiny_model_dir), "--data", str(data), "--output", str(output),
+                 "--max-steps", "8", "--learning-rate", "5e-3", "--batch-size", "4", "--logging-steps", "1",
+                 "--eval-fraction", "0.25", "--eval-generate", "0"])
+    assert code == 0
+    metrics = json.loads((output / "bpo_train_config.json").read_text())["metrics"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (f"train loss {metrics['train_loss_start']:.3f} -> {metrics['train_loss_end']:.3f}" in line
+            and f"held-out loss {metrics['base_eval_loss']:.3f} (base) -> {metrics['eval_loss']:.3f} on 3 pairs"
+            in line)
+
+
+def test_saved_files_are_readable_by_other_users(overfit_dir: Path) -> None:
+    modes = {path.name: path.stat().st_mode & 0o777 for path in overfit_dir.iterdir() if path.is_file()}
+    assert modes["model.safetensors"] & 0o044 == 0o044, modes
+    assert all(mode & 0o004 for mode in modes.values()), modes
+
+
+def test_the_bpo_release_pairs_train_as_they_are(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Records as in the BPO release's pairs.json (final_input / final_output beside the raw fields)."""
+    release = [{"instruction": p["prompt"], "context": "", "good_res": "An answer.", "bad_res": "No.",
+                "final_input": p["prompt"], "final_output": p["optimized_prompt"]} for p in fixture_pairs()[:6]]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(release))
+    prepared = prepare(TrainConfig(base=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o")))
+    assert len(prepared.train) == 6
+    encoded = {json.dumps(example["input_ids"]) for example in prepared.train}
+    expected = encode_pair(prepared.tokenizer, release[0]["final_input"], release[0]["final_output"])
+    assert json.dumps(expected["input_ids"]) in encoded
 
 
 def test_bad_training_input_is_one_line_of_error(tiny_model_dir: Path, tmp_path: Path,
@@ -157,7 +197,8 @@ def test_bad_training_input_is_one_line_of_error(tiny_model_dir: Path, tmp_path:
     data.write_text('{"prompt": "only a prompt"}\n')
     code = main(["train", "--base", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o")])
     assert code == 2
-    assert "pair 1 needs string prompt and optimized_prompt" in capsys.readouterr().err
+    assert "pair 1 needs string prompt and optimized_prompt fields (or final_input and final_output" in (
+        capsys.readouterr().err)
 
 
 def test_the_gpu_settings_bf16_and_activation_checkpointing_also_run_on_cpu(

@@ -83,3 +83,14 @@ def test_unreachable_remote_optimizer_fails_at_once(capsys: pytest.CaptureFixtur
 def test_bad_spec_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rewrite", "--optimizer", "bogus", "hi"]) == 2
     assert "--optimizer" in capsys.readouterr().err
+
+
+def test_stdin_loses_the_trailing_line_break_echo_adds(
+    upstream: FakeUpstream, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me about black holes.\n"))
+    code = main(["rewrite", "--optimizer", f"remote:{upstream.base_url}", "--model", "bpo-fake"])
+    assert code == 0
+    body = upstream.requests_to("/v1/completions")[0].json
+    assert "Tell me about black holes. [/INST]" in body["prompt"]  # the prompt as typed, no "\n" before [/INST]
+    assert capsys.readouterr().out.startswith("Tell me about black holes. Please answer")

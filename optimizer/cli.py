@@ -48,7 +48,8 @@ def run_rewrite(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"bpo rewrite: {exc}", file=sys.stderr)
         return 2
-    text = sys.stdin.read() if args.text == "-" else args.text
+    # `echo TEXT | bpo rewrite` adds a line break the user never typed; it changed the model's rewrite.
+    text = sys.stdin.read().rstrip("\r\n") if args.text == "-" else args.text
     if not text.strip():
         print("bpo rewrite: nothing to rewrite (TEXT is empty)", file=sys.stderr)
         return 2
