@@ -8,15 +8,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import orjson
 
 from optimizer.singleflight import SingleFlight
 from optimizer.template import TEMPLATE_VERSION
-
-if TYPE_CHECKING:
-    from proxy.settings import Settings
 
 Verdict = Literal["applied", "unchanged", "guard-rejected", "truncated"]
 VERDICTS: tuple[Verdict, ...] = ("applied", "unchanged", "guard-rejected", "truncated")
@@ -201,17 +198,28 @@ class NullCache:
         return None
 
 
-def build_cache(settings: Settings, on_event: EventCallback) -> RewriteCache:
-    """The cache ``settings.cache`` names: ``memory``, ``none`` or a Redis URL (two tiers)."""
-    if settings.cache == "none":
+@dataclass(frozen=True)
+class CacheOptions:
+    """What ``build_cache`` needs; the gateway fills it from its ``--cache*`` settings (same defaults)."""
+
+    spec: str = "memory"  # memory | none | a Redis URL
+    ttl_seconds: int = 7 * 24 * 3600
+    namespace: str = "bpo"
+    max_entries: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+def build_cache(options: CacheOptions, on_event: EventCallback) -> RewriteCache:
+    """The cache ``options.spec`` names: ``memory``, ``none`` or a Redis URL (two tiers)."""
+    if options.spec == "none":
         return NullCache()
-    local = LocalTier(settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_seconds)
-    if settings.cache == "memory":
+    local = LocalTier(options.max_entries, options.max_bytes, options.ttl_seconds)
+    if options.spec == "memory":
         return MemoryCache(local, on_event)
     from optimizer.redis_cache import RedisCache  # only deployments with Redis pay for its import
 
-    return RedisCache(settings.cache, local, namespace=settings.cache_namespace,
-                      ttl_seconds=settings.cache_ttl_seconds, on_event=on_event)
+    return RedisCache(options.spec, local, namespace=options.namespace,
+                      ttl_seconds=options.ttl_seconds, on_event=on_event)
 
 
 def _ignore(event: str) -> None:

@@ -8,9 +8,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from optimizer.manifest import MANIFEST_NAME, ManifestError
+from optimizer.manifest import read_manifest as read_optimizer_manifest
+
 log = logging.getLogger("bpo.optimizer")
 
-MANIFEST_FILE = "bpo_manifest.json"
 # Files whose content decides what a model dir generates; the weights are sampled, the rest hashed whole.
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "adapter_config.json")
@@ -39,17 +41,14 @@ def short_hash(*parts: str | bytes, length: int = 12) -> str:
 
 
 def read_manifest(model_dir: Path) -> tuple[str, str] | None:
-    """``(name, version)`` from the ``bpo_manifest.json`` that ``bpo train`` writes (training/manifest.py).
+    """``(name, version)`` from the ``bpo_manifest.json`` that ``bpo train`` writes (optimizer/manifest.py).
 
     A broken manifest is reported and ignored: the content hash still tells model versions apart.
     """
-    from training.manifest import ManifestError
-    from training.manifest import read_manifest as read_training_manifest
-
     try:
-        manifest = read_training_manifest(model_dir)
+        manifest = read_optimizer_manifest(model_dir)
     except ManifestError as exc:
-        log.warning("ignoring %s: %s", MANIFEST_FILE, exc)
+        log.warning("ignoring %s: %s", MANIFEST_NAME, exc)
         return None
     return (manifest.name, manifest.version) if manifest is not None else None
 

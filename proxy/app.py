@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from optimizer.base import Optimizer, OptimizerOptions
-from optimizer.cache import build_cache
+from optimizer.cache import CacheOptions, build_cache
 from optimizer.pipeline import RewritePipeline
 from optimizer.reload import ReloadableOptimizer, install_sighup
 from proxy.ab import ArmAssigner
@@ -63,6 +63,12 @@ def optimizer_options(settings: Settings, metrics: Metrics) -> OptimizerOptions:
     )
 
 
+def cache_options(settings: Settings) -> CacheOptions:
+    return CacheOptions(spec=settings.cache, ttl_seconds=settings.cache_ttl_seconds,
+                        namespace=settings.cache_namespace, max_entries=settings.cache_max_entries,
+                        max_bytes=settings.cache_max_bytes)
+
+
 async def wait_until_loaded(optimizer: Optimizer, poll: float = 0.1) -> None:
     while optimizer.status().state == "loading":
         await asyncio.sleep(poll)
@@ -91,7 +97,7 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
         state.settings, state.metrics = settings, metrics
         # Reloadable: SIGHUP or POST /admin/optimizer/reload swaps the model without dropping requests.
         state.optimizer = ReloadableOptimizer(settings.optimizer, optimizer_options(settings, metrics))
-        state.cache = build_cache(settings, metrics.cache_event)
+        state.cache = build_cache(cache_options(settings), metrics.cache_event)
         state.events = build_sink(settings, metrics)
         state.http = HttpForwarder(settings.upstream_timeout, on_broken_stream=metrics.broken_stream)
         state.recent_requests = RecentRequests()

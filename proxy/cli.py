@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from proxy.settings import SettingsError, add_arguments, load_settings
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``bpo`` parser. For ``command == "serve"`` only serve is registered: the gateway's process then
+    never imports the training package (nor litellm, matplotlib, ... that other subcommands may load)."""
     parser = argparse.ArgumentParser(
         prog="bpo", description="bpo-proxy: an OpenAI-compatible gateway that optimizes prompts (BPO).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -19,14 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
                                             "environment; a flag beats the variable, which beats --config.")
     add_arguments(serve)
     serve.set_defaults(handler=run_serve)
-    _register_optional(commands)
+    if command != "serve":
+        _register_optional(commands)
     return parser
 
 
 def _register_optional(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """The other packages' subcommands; each imports its heavy dependencies only when it runs."""
-    from optimizer.cli import register as register_rewrite
+    """The other subcommands; each imports its heavy dependencies only when it runs."""
     from proxy.report import register as register_report
+    from proxy.rewrite_cli import register as register_rewrite
     from training.cli import register as register_training
 
     register_rewrite(commands)
@@ -66,7 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         result: int = args.handler(args)
         sys.stdout.flush()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from training.critic import CRITIC_PROMPT_VERSION, CriticParseError, build_critic_messages, parse_critic_output
 from training.filters import FilterStats, place_context, rejection_reason
-from training.manifest import saved_config
 from training.records import JsonlAppender, Record, read_done, stable_key, write_json
+from training.run_config import saved_config
 from training.sources import FORMATS, load_preferences
 
 

@@ -22,8 +22,8 @@ from optimizer.judge import (
     tally,
 )
 from training.errors import ConfigError, DataError
-from training.manifest import saved_config
 from training.records import JsonlAppender, PromptParts, Record, prompt_parts, read_done, read_records, stable_key
+from training.run_config import saved_config
 
 if TYPE_CHECKING:
     from optimizer.base import Optimizer

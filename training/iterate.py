@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from training.errors import ConfigError
-from training.manifest import saved_config
 from training.records import JsonlAppender, Record, prompt_parts, read_done, read_records, stable_key, write_json
+from training.run_config import saved_config
 
 
 @dataclass

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from training.errors import ConfigError, DataError
-from training.manifest import saved_config
 from training.records import Record, read_records, sha256_file, write_json, write_jsonl
 
 if TYPE_CHECKING:
@@ -312,7 +311,7 @@ def hyperparameters(config: TrainConfig) -> dict[str, Any]:
 
 def save(trainer: SFTTrainer, config: TrainConfig, prepared: Prepared, metrics: dict[str, Any]) -> None:
     """Write the model (LoRA merged in), the tokenizer, the run config and the manifest."""
-    from training.manifest import build_manifest, write_manifest
+    from optimizer.manifest import build_manifest, write_manifest
 
     output = Path(config.output)
     model: Any = trainer.model

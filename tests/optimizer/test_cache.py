@@ -9,6 +9,7 @@ import pytest
 from optimizer.base import OptimizerError
 from optimizer.cache import (
     CachedRewrite,
+    CacheOptions,
     LocalTier,
     MemoryCache,
     NullCache,
@@ -18,6 +19,7 @@ from optimizer.cache import (
     entry_size,
     tenant_of,
 )
+from proxy.app import cache_options
 from proxy.settings import Settings
 from tests.optimizer.cache_helpers import CountingCompute, Events, FakeClock, rewrite, until
 
@@ -185,10 +187,10 @@ async def test_null_cache_always_computes() -> None:
 
 def test_build_cache_follows_settings() -> None:
     events = Events()
-    memory = build_cache(Settings(cache="memory", cache_max_entries=7, cache_max_bytes=9999), events)
+    memory = build_cache(CacheOptions("memory", max_entries=7, max_bytes=9999), events)
     assert isinstance(memory, MemoryCache) and isinstance(memory, RewriteCache)
     assert memory.enabled and memory.status()["max_entries"] == 7 and memory.status()["max_bytes"] == 9999
-    off = build_cache(Settings(cache="none"), events)
+    off = build_cache(CacheOptions("none"), events)
     assert isinstance(off, NullCache) and not off.enabled
 
 
@@ -207,3 +209,8 @@ async def test_peek_reads_the_local_tier_without_a_task_and_counts_only_hits() -
     assert cache.peek("k") == compute.values[0]
     assert events == {"miss": 1, "hit": 1}
     assert NullCache().peek("k") is None
+
+
+def test_cache_options_default_to_the_gateways_settings() -> None:
+    """optimizer/ takes no gateway Settings; its defaults must still be the --cache* flags' defaults."""
+    assert cache_options(Settings()) == CacheOptions()

@@ -14,10 +14,9 @@ import redis
 
 from optimizer.base import OptimizerError
 from optimizer.breaker import CircuitBreaker
-from optimizer.cache import LocalTier, build_cache, cache_key, tenant_of
+from optimizer.cache import CacheOptions, LocalTier, build_cache, cache_key, tenant_of
 from optimizer.redis_cache import RedisCache, decode_value, encode_value
 from optimizer.urls import redact_url
-from proxy.settings import Settings
 from tests.optimizer.cache_helpers import CountingCompute, Events, rewrite, until
 from tests.optimizer.conftest import SHARED_REDIS_URL
 
@@ -87,7 +86,7 @@ async def test_negative_results_are_shared_too(namespace: str) -> None:
 
 
 async def test_ttl_is_set_in_redis_and_entries_expire(namespace: str, shared_redis: redis.Redis) -> None:
-    default = build_cache(Settings(cache=SHARED_REDIS_URL, cache_namespace=namespace), Events())
+    default = build_cache(CacheOptions(SHARED_REDIS_URL, namespace=namespace), Events())
     assert isinstance(default, RedisCache)
     async with started(default):
         await default.get_or_compute("k-default", CountingCompute())
@@ -344,7 +343,7 @@ def test_status_hides_credentials() -> None:
 
 def test_an_unusable_url_fails_at_build_with_the_setting_named() -> None:
     with pytest.raises(ValueError, match=r"--cache redis://host:port/0: not a usable Redis URL"):
-        build_cache(Settings(cache="redis://user:pw@host:port/0"), Events())
+        build_cache(CacheOptions("redis://user:pw@host:port/0"), Events())
 
 
 async def test_peek_sees_only_the_local_tier(namespace: str) -> None:

@@ -16,9 +16,9 @@ from optimizer.base import Optimizer, OptimizerBusy, OptimizerOptions, Optimizer
 from optimizer.budget import MIN_BUDGET_TOKENS, token_budget
 from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, model_source, prepare_loaded
 from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, effective_top_k
+from optimizer.manifest import Manifest, write_manifest
 from optimizer.registry import build_optimizer
 from optimizer.template import BANNED_STRINGS
-from training.manifest import Manifest, write_manifest
 
 OPTIONS = OptimizerOptions(max_new_tokens=24, max_batch_size=8, max_wait_ms=50)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from optimizer.base import Mode, OptimizerOptions, OptimizerStatus, OptimizerUnavailable, Rewrite, State
+from optimizer.manifest import Manifest, write_manifest
 from optimizer.registry import SpecError
 from optimizer.reload import ReloadableOptimizer, ReloadError, install_sighup
-from training.manifest import Manifest, write_manifest
 
 
 @dataclass

@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
+from optimizer.manifest import Manifest, write_manifest
 from tests.fakes.proxy_server import RunningProxy
 from tests.proxy.conftest import StartProxy
-from training.manifest import Manifest, write_manifest
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 

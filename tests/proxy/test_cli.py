@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.cli import build_parser
 from tests.fakes.proxy_server import REPO, ProxyProcess
 from tests.fakes.upstream import FakeUpstream, Reply, free_port
 
@@ -139,3 +140,31 @@ def test_litellm_lines_are_json_and_never_hold_the_prompt(tmp_path: Path) -> Non
     lines = output.splitlines()
     assert lines and all(line.startswith("{") and json.loads(line) for line in lines), output[:2000]
     assert "Tell a secret" not in output and "sk-route-secret-7" not in output
+
+
+SERVE_IMPORTS = """
+import sys
+from starlette.testclient import TestClient
+from proxy.cli import build_parser
+from proxy.app import create_app
+from proxy.settings import load_settings
+
+build_parser("serve").parse_args(["serve"])
+with TestClient(create_app(load_settings({"optimizer": "none"}))) as client:
+    assert client.get("/readyz").status_code == 200
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("training", "matplotlib", "torch")))
+"""
+
+
+def test_bpo_serve_imports_no_training_module(tmp_path: Path) -> None:
+    """proxy -> optimizer only: the gateway's process loads neither the training package nor its heavy deps."""
+    env = {**os.environ, "BPO_KEY_STORE": f"sqlite:{tmp_path / 'keys.db'}"}
+    result = subprocess.run([sys.executable, "-c", SERVE_IMPORTS], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_full_parser_still_has_every_command() -> None:
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"serve", "rewrite", "train", "eval", "data", "ab"} <= set(commands)

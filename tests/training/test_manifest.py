@@ -8,16 +8,15 @@ from typing import Any
 
 import pytest
 
-from training.manifest import (
+from optimizer.manifest import (
     MANIFEST_NAME,
     ManifestError,
     build_manifest,
     compute_version,
     read_manifest,
-    redact_secrets,
-    saved_config,
     write_manifest,
 )
+from training.run_config import redact_secrets, saved_config
 
 
 def model_dir(tmp_path: Path, weights: bytes) -> Path:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from optimizer.manifest import read_manifest
 from tests.fakes.tiny_model import fixture_pairs
 from training.cli import main
-from training.manifest import read_manifest
 from training.records import write_jsonl
 from training.sft import IGNORE_INDEX, TrainConfig, build_trainer, encode_pair, encode_prompt, prepare
 

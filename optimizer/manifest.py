@@ -1,27 +1,25 @@
 """``bpo_manifest.json``: what a trained optimizer dir says about itself (name, version, provenance).
 
-``bpo train`` writes it; the proxy's ``hf:`` backend reads it (``read_manifest``) to name the optimizer
-``name@version`` in ``X-BPO-Optimizer`` and in cache keys, so a retrained model never serves stale rewrites.
+The format lives with its reader: the ``hf:`` backend reads it (``read_manifest``, via optimizer/identity.py)
+to name the optimizer ``name@version`` in ``X-BPO-Optimizer`` and in cache keys, so a retrained model never
+serves stale rewrites; ``bpo train`` writes it (``build_manifest`` + ``write_manifest``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from optimizer.template import TEMPLATE_VERSION
+
 MANIFEST_NAME = "bpo_manifest.json"
 # Files whose bytes are the model: a change in any of them is a new version.
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 VERSION_LENGTH = 12
-REDACTED = "<redacted>"
-# Names of values never written to disk: ``*api_key`` and any name with a word ``token``/``secret``/
-# ``password`` (``secrets`` too). Whole words only, so counts like ``max_tokens`` are kept.
-_SECRET_NAME = re.compile(r"(api_?key$)|(^|[_\-])(token|secrets?|password)([_\-]|$)", re.IGNORECASE)
 
 
 class ManifestError(ValueError):
@@ -102,29 +100,7 @@ def compute_version(weights: str, data_sha256: str, hyperparameters: dict[str, A
 def build_manifest(model_dir: str | Path, name: str, base_model: str, data_sha256: str,
                    hyperparameters: dict[str, Any], metrics: dict[str, Any]) -> Manifest:
     """The manifest for weights already saved in ``model_dir``."""
-    from optimizer.template import TEMPLATE_VERSION
-
     version = compute_version(weights_sha256(model_dir), data_sha256, hyperparameters)
     return Manifest(name=name, version=version, base_model=base_model, data_sha256=data_sha256,
                     template_version=TEMPLATE_VERSION, created=datetime.now(UTC).isoformat(),
                     hyperparameters=hyperparameters, metrics=metrics)
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))
-
-
-def redact_secrets(value: Any) -> Any:
-    """``value`` with every secret-named field (at any depth) replaced by ``<redacted>``; unset stays None."""
-    if isinstance(value, dict):
-        return {key: (REDACTED if is_secret_name(str(key)) and item is not None else redact_secrets(item))
-                for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(item) for item in value]
-    return value
-
-
-def saved_config(config: Any) -> dict[str, Any]:
-    """A stage's dataclass config as every stage saves it next to its artifacts: API keys redacted."""
-    redacted: dict[str, Any] = redact_secrets(asdict(config))
-    return redacted
