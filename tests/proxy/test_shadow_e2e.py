@@ -70,8 +70,11 @@ def verdict_counts(proxy: RunningProxy) -> dict[str, float]:
             for s in family.samples if s.name == "bpo_shadow_verdicts_total"}
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll until ``condition`` is truthy (an ordering aid for background work, not a timing assertion)."""
+def wait_for(condition: Callable[[], Any], timeout: float = 180.0) -> Any:
+    """Poll until ``condition`` is truthy (an ordering aid for background work, not a timing assertion).
+
+    Generous: the first judgement waits for litellm's import, which took over 30 s on a loaded 2-core machine.
+    """
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if time.monotonic() > deadline:
