@@ -33,15 +33,15 @@ def stream_text(client: openai.OpenAI) -> str:
     return text
 
 
-@pytest.mark.parametrize(("reply", "reason"), [
-    (Reply(sse=sse_chunks("fake-model", WORDS), cut_after=5), "cut"),
-    (Reply(sse=sse_chunks("fake-model", WORDS), stall_after=5, stall_seconds=30), "idle"),
+@pytest.mark.parametrize(("reply", "reason", "timeout"), [
+    (Reply(sse=sse_chunks("fake-model", WORDS), cut_after=5), "cut", 60),
+    (Reply(sse=sse_chunks("fake-model", WORDS), stall_after=5, stall_seconds=30), "idle", 1.5),
 ], ids=["cut", "idle"])
 def test_a_broken_stream_raises_in_the_official_sdk_and_is_counted(upstream: FakeUpstream,
                                                                    start_proxy: StartProxy, reply: Reply,
-                                                                   reason: str) -> None:
+                                                                   reason: str, timeout: float) -> None:
     upstream.responders["/v1/chat/completions"] = lambda rec: reply
-    proxy = start_proxy(upstream_timeout=1.5, optimizer="none")
+    proxy = start_proxy(upstream_timeout=timeout, optimizer="none")
     client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=60)
     with pytest.raises(openai.APIError) as caught:
         stream_text(client)
@@ -111,9 +111,9 @@ def test_a_plain_answer_trickled_past_the_deadline_is_a_504(upstream: FakeUpstre
 def test_a_passthrough_stream_may_outlast_the_timeout_while_it_flows(upstream: FakeUpstream,
                                                                       start_proxy: StartProxy) -> None:
     """The timeout is the longest silence inside a stream, on every route: never a cap on its length."""
-    events = [b'event: response.output_text.delta\ndata: {"delta": "%d"}\n\n' % i for i in range(8)]
+    events = [b'event: response.output_text.delta\ndata: {"delta": "%d"}\n\n' % i for i in range(10)]
     upstream.responders["/v1/responses"] = lambda rec: Reply(sse=events, chunk_delay=0.5)
-    proxy = start_proxy(upstream_timeout=1.5, optimizer="none")
+    proxy = start_proxy(upstream_timeout=3, optimizer="none")  # 5 s in all, never 3 s silent
     response = httpx.post(proxy.base_url + "/responses", json={"model": "m", "input": "x", "stream": True},
                           timeout=60)
     assert response.content == b"".join(events)

@@ -27,7 +27,7 @@ def test_passwords_in_urls_are_never_shown(upstream: FakeUpstream, start_proxy: 
     caplog.set_level(logging.DEBUG)
     where = f"127.0.0.1:{upstream.port}"
     proxy = start_proxy(optimizer=f"remote:http://bpo:optimizer-pw@{where}/v1",
-                        upstream_base_url=f"http://gw:upstream-pw@{where}/v1", upstream_timeout=1)
+                        upstream_base_url=f"http://gw:upstream-pw@{where}/v1", upstream_timeout=3)
     seen = [httpx.get(proxy.url + "/readyz").text]  # perhaps still probing: the pending identity shows too
     deadline = time.monotonic() + 30
     while httpx.get(proxy.url + "/readyz").status_code != 200 and time.monotonic() < deadline:
@@ -39,7 +39,7 @@ def test_passwords_in_urls_are_never_shown(upstream: FakeUpstream, start_proxy: 
     assert base64.b64decode(sent.removeprefix("Basic ")) == b"bpo:optimizer-pw"
     sent = upstream.requests_to("/v1/chat/completions")[-1].headers["authorization"]
     assert base64.b64decode(sent.removeprefix("Basic ")) == b"gw:upstream-pw"  # in place of the client's
-    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(json={}, delay=10)
+    upstream.responders["/v1/chat/completions"] = lambda rec: Reply(json={}, delay=20)
     timed_out = chat(proxy.base_url, "off")
     assert timed_out.status_code == 504
     upstream.responders["/v1/chat/completions"] = lambda rec: Reply(sse=[b"data: {}\n\n"] * 3, cut_after=1)
