@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from training.errors import ConfigError, DataError
 from training.records import Record, read_records, sha256_file, write_json, write_jsonl
+from training.run_config import saved_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

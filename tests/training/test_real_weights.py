@@ -18,7 +18,7 @@ from optimizer.pipeline import GUARD_REJECTED, Outcome, RewritePipeline
 from optimizer.registry import build_optimizer
 from tests.fakes.tiny_model import fixture_pairs
 from training.cli import main
-from training.manifest import read_manifest
+from optimizer.manifest import read_manifest
 from training.records import write_jsonl
 
 pytestmark = pytest.mark.slow
