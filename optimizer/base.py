@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -96,3 +97,13 @@ class Optimizer(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def wait_until_settled(optimizer: Optimizer, poll: float = 0.05) -> OptimizerStatus:
+    """The optimizer's status once it is no longer loading (ready, failed or disabled).
+
+    The one wait for a load: callers bound it with ``asyncio.wait_for`` where a deadline applies.
+    """
+    while (status := optimizer.status()).state == "loading":
+        await asyncio.sleep(poll)
+    return status

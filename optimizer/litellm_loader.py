@@ -1,4 +1,5 @@
-"""Import litellm lazily and offline-safe: its import costs seconds and, by default, a network fetch."""
+"""litellm for our callers: imported lazily and offline-safe (its import costs seconds and, by default, a network
+fetch), and the model name to give it."""
 
 from __future__ import annotations
 
@@ -26,3 +27,11 @@ def load_litellm() -> ModuleType:
         logger.handlers[:] = []  # its records go to the application's handlers (the gateway's JSON lines)
         logger.propagate = True
     return litellm
+
+
+def litellm_model(model: str, base_url: str | None) -> str:
+    """The litellm model name: an explicit base URL means an OpenAI-compatible server, which litellm's
+    ``openai/`` provider speaks to (the judge of ``bpo eval``, the shadow judge, the critic)."""
+    if base_url and not model.startswith("openai/"):
+        return "openai/" + model
+    return model

@@ -9,7 +9,15 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from optimizer.base import Mode, Optimizer, OptimizerError, OptimizerOptions, OptimizerStatus, Rewrite
+from optimizer.base import (
+    Mode,
+    Optimizer,
+    OptimizerError,
+    OptimizerOptions,
+    OptimizerStatus,
+    Rewrite,
+    wait_until_settled,
+)
 from optimizer.registry import build_optimizer
 
 log = logging.getLogger("bpo.optimizer.reload")
@@ -128,7 +136,7 @@ class ReloadableOptimizer:
     async def _load(self, candidate: Optimizer, spec: str) -> OptimizerStatus:
         try:
             await candidate.start()
-            await asyncio.wait_for(_settled(candidate), self.load_timeout)
+            await asyncio.wait_for(wait_until_settled(candidate), self.load_timeout)
         except TimeoutError as exc:
             await candidate.close()
             raise ReloadError(f"{spec} did not load within {self.load_timeout:g} s") from exc
@@ -150,11 +158,6 @@ class ReloadableOptimizer:
         task = asyncio.create_task(drain_then_close(), name=f"bpo-retire-{lease.optimizer.identity}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-
-
-async def _settled(optimizer: Optimizer, poll: float = 0.05) -> None:
-    while optimizer.status().state == "loading":
-        await asyncio.sleep(poll)
 
 
 def install_sighup(optimizer: ReloadableOptimizer) -> Callable[[], None]:

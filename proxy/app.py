@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import logging
@@ -15,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from optimizer.base import Optimizer, OptimizerOptions
+from optimizer.base import Optimizer, OptimizerOptions, wait_until_settled
 from optimizer.cache import CacheOptions, build_cache
 from optimizer.pipeline import RewritePipeline
 from optimizer.reload import ReloadableOptimizer, install_sighup
@@ -67,11 +66,6 @@ def cache_options(settings: Settings) -> CacheOptions:
     return CacheOptions(spec=settings.cache, ttl_seconds=settings.cache_ttl_seconds,
                         namespace=settings.cache_namespace, max_entries=settings.cache_max_entries,
                         max_bytes=settings.cache_max_bytes)
-
-
-async def wait_until_loaded(optimizer: Optimizer, poll: float = 0.1) -> None:
-    while optimizer.status().state == "loading":
-        await asyncio.sleep(poll)
 
 
 def settle_heap() -> None:
@@ -204,8 +198,7 @@ def _brief_startup_failure(send: Send) -> Send:
 
 
 async def _require(optimizer: Optimizer) -> None:
-    await wait_until_loaded(optimizer)
-    status = optimizer.status()
+    status = await wait_until_settled(optimizer)
     if status.state != "ready":
         raise StartupError(f"--require-optimizer: the optimizer did not load, so the gateway does not start: "
                            f"{status.detail}")

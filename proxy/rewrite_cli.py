@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from optimizer.base import MODES, Mode, Optimizer, OptimizerError, OptimizerOptions, OptimizerStatus, Rewrite
+from optimizer.base import MODES, Mode, OptimizerError, OptimizerOptions, Rewrite, wait_until_settled
 
 # Flags of `bpo rewrite` that are also `bpo serve` settings: same names, same BPO_* variables.
 SHARED_SETTINGS = ("optimizer", "optimizer_seed", "optimizer_max_new_tokens", "optimizer_device",
@@ -79,7 +79,7 @@ async def rewrite_once(spec: str, options: OptimizerOptions, text: str, mode: Mo
     optimizer = build_optimizer(spec, options)
     try:
         await optimizer.start()
-        status = await _settled(optimizer)
+        status = await wait_until_settled(optimizer)
         if status.state == "disabled":
             raise OptimizerError("--optimizer none rewrites nothing: name an optimizer (--optimizer SPEC)")
         if status.state != "ready":
@@ -87,12 +87,6 @@ async def rewrite_once(spec: str, options: OptimizerOptions, text: str, mode: Mo
         return await optimizer.optimize(text, mode)
     finally:
         await optimizer.close()
-
-
-async def _settled(optimizer: Optimizer) -> OptimizerStatus:
-    while optimizer.status().state == "loading":
-        await asyncio.sleep(0.05)
-    return optimizer.status()
 
 
 def _explain(original: str, rewrite: Rewrite) -> None:

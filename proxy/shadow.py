@@ -24,7 +24,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from optimizer.judge import Verdict, build_judge_messages, combine_orders, parse_verdict
-from optimizer.litellm_loader import load_litellm
+from optimizer.litellm_loader import litellm_model, load_litellm
 from proxy.events import EventSink
 from proxy.forward import (
     Exchange,
@@ -173,7 +173,7 @@ def litellm_judge(settings: Settings) -> JudgeCall:
     if settings.shadow_judge_api_key:
         options["api_key"] = settings.shadow_judge_api_key
     if settings.shadow_judge_base_url:
-        model = model if model.startswith("openai/") else f"openai/{model}"
+        model = litellm_model(model, settings.shadow_judge_base_url)
         options["api_base"] = settings.shadow_judge_base_url
         # Self-hosted judges rarely check keys, but the OpenAI client insists on one. Never the
         # upstream's key: the judge may be another party.

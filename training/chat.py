@@ -25,10 +25,9 @@ class ChatModel:
 
     @property
     def litellm_model(self) -> str:
-        # An explicit base URL means an OpenAI-compatible server: litellm's ``openai/`` provider speaks to it.
-        if self.base_url and not self.model.startswith("openai/"):
-            return "openai/" + self.model
-        return self.model
+        from optimizer.litellm_loader import litellm_model
+
+        return litellm_model(self.model, self.base_url)
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:

@@ -4,7 +4,6 @@ rewrite a prompt one or more rounds (iterative BPO feeds each rewrite back in)."
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
 
 from training.errors import ConfigError
@@ -16,7 +15,7 @@ if TYPE_CHECKING:
 async def start_optimizer(spec: str, seed: int | None = None, max_new_tokens: int = 256,
                           timeout: float = 600.0) -> Optimizer:
     """The optimizer named by ``spec`` (``hf:DIR``, ``remote:URL``, ``llm:MODEL``), loaded and ready."""
-    from optimizer.base import OptimizerOptions
+    from optimizer.base import OptimizerOptions, wait_until_settled
     from optimizer.registry import SpecError, build_optimizer
 
     try:
@@ -24,11 +23,10 @@ async def start_optimizer(spec: str, seed: int | None = None, max_new_tokens: in
     except SpecError as exc:
         raise ConfigError(str(exc)) from exc
     await optimizer.start()
-    deadline = time.monotonic() + timeout
-    while (status := optimizer.status()).state == "loading":
-        if time.monotonic() > deadline:
-            raise ConfigError(f"optimizer {spec} still loading after {timeout:.0f}s")
-        await asyncio.sleep(0.05)
+    try:
+        status = await asyncio.wait_for(wait_until_settled(optimizer), timeout)
+    except TimeoutError:
+        raise ConfigError(f"optimizer {spec} still loading after {timeout:.0f}s") from None
     if status.state != "ready":
         await optimizer.close()
         raise ConfigError(f"optimizer {spec} is {status.state}: {status.detail}")
