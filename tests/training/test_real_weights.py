@@ -14,11 +14,11 @@ from optimizer.base import MODES, Mode, Optimizer, OptimizerOptions, OptimizerSt
 from optimizer.cache import NullCache
 from optimizer.guard import check_rewrite
 from optimizer.junk import check_template_echo
+from optimizer.manifest import read_manifest
 from optimizer.pipeline import GUARD_REJECTED, Outcome, RewritePipeline
 from optimizer.registry import build_optimizer
 from tests.fakes.tiny_model import fixture_pairs
 from training.cli import main
-from optimizer.manifest import read_manifest
 from training.records import write_jsonl
 
 pytestmark = pytest.mark.slow
