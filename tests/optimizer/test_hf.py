@@ -20,6 +20,9 @@ from optimizer.manifest import Manifest, write_manifest
 from optimizer.registry import build_optimizer
 from optimizer.template import BANNED_STRINGS
 
+# Real (tiny) transformers models load and generate here.
+pytestmark = pytest.mark.slow
+
 OPTIONS = OptimizerOptions(max_new_tokens=24, max_batch_size=8, max_wait_ms=50)
 
 

@@ -145,6 +145,7 @@ def versioned_copy(source: Path, target: Path, version: str) -> Path:
     return model_dir
 
 
+@pytest.mark.slow
 async def test_reload_real_models_under_load_fails_no_request(tiny_model_dir: Path, tmp_path: Path) -> None:
     first = versioned_copy(tiny_model_dir, tmp_path / "v1", "1")
     second = versioned_copy(tiny_model_dir, tmp_path / "v2", "2")

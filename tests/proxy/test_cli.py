@@ -17,6 +17,9 @@ from proxy.cli import build_parser
 from tests.fakes.proxy_server import REPO, ProxyProcess
 from tests.fakes.upstream import FakeUpstream, Reply, free_port
 
+# `bpo` as processes: each start imports the whole gateway.
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 

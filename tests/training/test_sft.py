@@ -18,6 +18,9 @@ from training.cli import main
 from training.records import write_jsonl
 from training.sft import IGNORE_INDEX, TrainConfig, build_trainer, encode_pair, encode_prompt, prepare
 
+# Real (tiny) models train here.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
