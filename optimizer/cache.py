@@ -64,6 +64,11 @@ class RewriteCache(Protocol):
         """The in-process tier's value, without awaiting: the hot path's cache hit costs no task."""
         ...
 
+    async def lookup(self, key: str) -> CachedRewrite | None:
+        """Every tier's value, never computing one (replaying a conversation's history); not counted as a hit
+        or miss, and a tier that fails counts as holding nothing."""
+        ...
+
     def status(self) -> dict[str, Any]: ...
 
     async def start(self) -> None: ...
@@ -149,6 +154,9 @@ class MemoryCache:
             self._on_event("hit")
         return value
 
+    async def lookup(self, key: str) -> CachedRewrite | None:
+        return self.local.get(key)
+
     async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:
         value = self.peek(key)
         if value is not None:
@@ -183,6 +191,9 @@ class NullCache:
     backend = "none"
 
     def peek(self, key: str) -> CachedRewrite | None:
+        return None
+
+    async def lookup(self, key: str) -> CachedRewrite | None:
         return None
 
     async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from optimizer.junk import check_answer, check_repetition, check_template_echo, check_topic
+from optimizer.language import language_of, same_language
 
 # A rule returns None when the rewrite passes, else a short detail naming what went missing.
 Check = Callable[[str, str], "str | None"]
@@ -187,6 +188,12 @@ def _check_passages(original: str, rewrite: str) -> str | None:
     return _missing_detail("passage", _first_missing(passages, rewrite))
 
 
+def _check_language(original: str, rewrite: str) -> str | None:
+    if same_language(original, rewrite):
+        return None
+    return f"the rewrite is in {language_of(rewrite)}, the original in {language_of(original)}"
+
+
 RULES: tuple[GuardRule, ...] = (
     GuardRule("empty", "a non-empty rewrite", _check_nonempty),
     GuardRule("leaked-marker", "no template/critic marker ([INST], [PROTECT], [KEEP ...)", _check_markers),
@@ -203,6 +210,7 @@ RULES: tuple[GuardRule, ...] = (
     GuardRule("passage", f"every later paragraph of {PASSAGE_MIN_WORDS}+ words, verbatim", _check_passages),
     GuardRule("answer", "a request, not a reply: asks for something when the original did", check_answer),
     GuardRule("off-topic", "a fifth of the original's content words (3+ of them)", check_topic),
+    GuardRule("language", "the original's language (optimizer/language.py): no translating", _check_language),
 )
 
 

@@ -96,6 +96,19 @@ class RewritePipeline:
             cache_state = "hit" if hit else "miss"
         return self._verdict(text, value, cache_state)
 
+    async def recall(self, text: str, mode: Mode, tenant: str = "") -> str | None:
+        """The rewrite the cache holds for ``text`` under the current optimizer, if it was applied; never an
+        optimizer call (a conversation's earlier turns are replayed with it). Cache faults fail open: None."""
+        if len(text) > self.max_chars:
+            return None
+        try:
+            value = await self.cache.lookup(cache_key(self.optimizer.identity, mode, text, tenant))
+        except Exception:  # fail open: the turn is sent as the client wrote it
+            log.exception("history lookup failed; sending the turn as it is")
+            self._on_fail_open("cache")
+            return None
+        return value.text if value is not None and value.verdict == "applied" else None
+
     @staticmethod
     def _verdict(text: str, value: CachedRewrite, cache: CacheResult) -> Outcome:
         if value.verdict == "applied":

@@ -133,6 +133,18 @@ class RedisCache:
             self._on_event("hit")
         return cached
 
+    async def lookup(self, key: str) -> CachedRewrite | None:
+        cached = self.local.get(key)
+        if cached is not None:
+            return cached
+        try:
+            found = await self._get(key)
+        except RedisUnavailable:  # already logged and counted: the history turn is sent as it is
+            return None
+        if found is not None:
+            self.local.put(key, found)
+        return found
+
     async def get_or_compute(self, key: str, compute: Compute) -> tuple[CachedRewrite, bool]:
         cached = self.peek(key)
         if cached is not None:

@@ -21,7 +21,6 @@ from optimizer.reload import ReloadableOptimizer, install_sighup
 from proxy.ab import ArmAssigner
 from proxy.admin import admin_routes
 from proxy.budget import Pricing
-from proxy.chat import ChatService
 from proxy.clients import ClientGuard
 from proxy.errors import ProxyError, error_response
 from proxy.events import build_sink
@@ -31,9 +30,12 @@ from proxy.keystore import build_key_store
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
-from proxy.routes import CHAT_COMPLETIONS, routes
+from proxy.routes import routes
+from proxy.serving import RewriteService
 from proxy.settings import Settings
 from proxy.shadow import ForwardingControlClient, ShadowJudge
+from proxy.shapes import SHAPES
+from proxy.upstream_calls import UpstreamCalls
 
 log = logging.getLogger("bpo.app")
 
@@ -106,8 +108,9 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
         state.shadow = ShadowJudge(settings, metrics, state.events,
                                    ForwardingControlClient(settings, state.http, providers))
         state.access_log = AccessLog() if settings.access_log and settings.log_level in ("debug", "info") else None
-        state.chat = ChatService(settings, pipeline, state.http, providers, ArmAssigner(settings),
-                                 metrics, state.events, state.recent_requests, state.shadow, state.access_log)
+        state.rewriting = RewriteService(settings, pipeline, UpstreamCalls(settings, state.http, providers),
+                                         ArmAssigner(settings), metrics, state.events, state.recent_requests,
+                                         state.shadow, state.access_log)
         async with contextlib.AsyncExitStack() as services:
             # Started in order, closed in reverse: the shadow judge's verdicts still reach the events sink.
             for service in (state.key_store, state.clients, state.http, state.cache, state.events, state.shadow,
@@ -129,13 +132,18 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
     return app
 
 
-class Gateway(Starlette):
-    """The Starlette app, with ``POST /v1/chat/completions`` dispatched before its middleware and router.
+# The rewriting routes by path: the hot ones, dispatched ahead of Starlette.
+_REWRITING = {shape.path: shape for shape in SHAPES}
 
-    The hot route needs neither: ``ChatService.handle`` answers every error it expects in OpenAI's shape,
-    and anything else is answered here as ``_unexpected`` would. That saves two send wrappers, two
+
+class Gateway(Starlette):
+    """The Starlette app, with ``POST`` on the rewriting routes (chat completions, responses, messages)
+    dispatched before its middleware and router.
+
+    The hot routes need neither: ``RewriteService.handle`` answers every error it expects in the route's
+    shape, and anything else is answered here as ``_unexpected`` would. That saves two send wrappers, two
     exception layers and a route scan on every request (``bench/README.md``). Every other request, other
-    methods on this path included, goes through Starlette as before.
+    methods on these paths included, goes through Starlette as before.
 
     Cross-cutting checks attach here, ahead of both paths, so no route can skip them: client auth, rate
     limits and budgets (``ClientGuard.check``) on every ``/v1/*`` request.
@@ -154,14 +162,14 @@ class Gateway(Starlette):
             if refused is not None:
                 await refused(scope, receive, send)
                 return
-        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CHAT_COMPLETIONS
-                and not scope.get("root_path")):
+        shape = _REWRITING.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if shape is not None and not scope.get("root_path"):
             scope["app"] = self
             try:
-                response = await self.state.chat.handle(scope, receive)
+                response = await self.state.rewriting.handle(shape, scope, receive)
             except Exception:
-                log.exception("unhandled error on %s", CHAT_COMPLETIONS)
-                response = unexpected_error()
+                log.exception("unhandled error on %s", shape.path)
+                response = shape.error_response(ProxyError(UNEXPECTED, code="internal_error"))
             await response(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
@@ -222,6 +230,8 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return unexpected_error()
 
 
+UNEXPECTED = "The gateway failed on this request; see its logs."
+
+
 def unexpected_error() -> Response:
-    return error_response(500, "The gateway failed on this request; see its logs.", "server_error",
-                          code="internal_error")
+    return error_response(500, UNEXPECTED, "server_error", code="internal_error")

@@ -50,7 +50,7 @@ _EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n", b"\r\n\n", b"\r\r\n")
 class Target:
     """Where one model's requests go."""
 
-    kind: Literal["openai", "azure", "litellm"]
+    kind: Literal["openai", "azure", "anthropic", "litellm"]
     model: str
     base_url: str | None = None
     api_key: str | None = None
@@ -220,8 +220,10 @@ def split_at_event_end(data: bytes) -> tuple[bytes, bytes]:
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:
+    """``usage`` at the top (chat, Messages) or in ``response`` (the Responses API's events)."""
     try:
-        usage = orjson.loads(data).get("usage")
+        body = orjson.loads(data)
+        usage = body.get("usage") or (body.get("response") or {}).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
         return None
     return usage if isinstance(usage, dict) else None

@@ -1,4 +1,9 @@
-"""The litellm path: providers that do not speak OpenAI's wire format, answered back as OpenAI JSON/SSE."""
+"""The litellm path: providers that do not speak the request's wire format, answered back in it.
+
+One entry point per request shape: ``litellm.acompletion`` (chat completions, answered as OpenAI JSON/SSE),
+``litellm.aresponses`` (the Responses API) and ``litellm.anthropic.messages.acreate`` (Anthropic's Messages
+API, for any provider): litellm's own translation, never a hand-made one.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +27,12 @@ from proxy.errors import (
     UpstreamUnreachable,
     error_event,
 )
-from proxy.forward import Exchange, Target
+from proxy.forward import Exchange, Target, extract_usage
 
 log = logging.getLogger("bpo.forward")
 
-# Fields the gateway passes to litellm as named arguments rather than provider extras.
-_OWN_FIELDS = ("model", "messages", "stream")
+# Per request shape: the field holding the conversation, passed with model and stream as named arguments.
+_CONVERSATION_FIELD = {"chat": "messages", "responses": "input", "messages": "messages"}
 # Call settings litellm reads from the same keyword arguments as the request's fields, beyond its own list
 # (litellm.types.utils.all_litellm_params): endpoints and provider credentials. A client must never set them:
 # {"api_base": "http://attacker"} would send the route's configured key there.
@@ -108,6 +113,33 @@ def as_proxy_error(exc: BaseException, timeout: float) -> ProxyError:
     return UpstreamBadResponse("The provider's answer could not be read.")
 
 
+def _entry_point(litellm: Any, route: str) -> Any:
+    if route == "responses":
+        return litellm.aresponses
+    if route == "messages":
+        return litellm.anthropic.messages.acreate
+    return litellm.acompletion
+
+
+def _sse_event(route: str, data: Any) -> bytes:
+    """One streamed item in the shape's SSE framing: chat's bare ``data:`` lines, or named events."""
+    if isinstance(data, bytes):  # already framed (litellm relays some providers' SSE as it came)
+        return data
+    if not isinstance(data, dict):
+        data = data.model_dump(mode="json", exclude_none=True)
+    if route == "chat":
+        return b"data: " + orjson.dumps(data) + b"\n\n"
+    return b"event: " + str(data.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _usage(payload: Any) -> dict[str, Any] | None:
+    """``usage`` at the top (chat, Messages) or in ``response`` (Responses)."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage") or (payload.get("response") or {}).get("usage")
+    return usage if isinstance(usage, dict) else None
+
+
 class LiteLLMForwarder:
     """Calls ``litellm.acompletion`` with the route's params; litellm is imported on first use.
 
@@ -121,10 +153,12 @@ class LiteLLMForwarder:
 
     async def forward(self, target: Target, body: Mapping[str, Any], exchange: Exchange,
                       extra_headers: Mapping[str, str],
-                      on_done: Callable[[Exchange], None] | None = None) -> Response:
+                      on_done: Callable[[Exchange], None] | None = None, route: str = "chat") -> Response:
+        """``route``: the request's shape (chat, responses, messages), which picks litellm's entry point."""
         litellm = load_litellm()
         stream = bool(body.get("stream"))
-        kwargs = {k: v for k, v in body.items() if k not in _OWN_FIELDS}
+        conversation = _CONVERSATION_FIELD[route]
+        kwargs = {k: v for k, v in body.items() if k not in ("model", "stream", conversation)}
         refused = sorted(field for field in kwargs if not client_settable(field, litellm))
         if refused:
             raise InvalidRequest(f"{', '.join(refused)}: provider settings cannot be set in a request; "
@@ -138,23 +172,24 @@ class LiteLLMForwarder:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                result = await litellm.acompletion(model=target.model, messages=body["messages"], stream=stream,
-                                                   **{**kwargs, **params})
+                result = await _entry_point(litellm, route)(
+                    model=target.model, stream=stream, **{conversation: body.get(conversation)},
+                    **{**kwargs, **params})
         except Exception as exc:  # translated at this one boundary into OpenAI-shaped errors
             raise as_proxy_error(exc, self.timeout) from exc
         exchange.status = 200
         exchange.upstream_seconds = time.perf_counter() - started
         if stream:
-            return StreamingResponse(self._relay(result, exchange, on_done), media_type="text/event-stream",
+            return StreamingResponse(self._relay(result, exchange, on_done, route), media_type="text/event-stream",
                                      headers=dict(extra_headers))
-        payload = result.model_dump(mode="json")
-        exchange.usage = payload.get("usage")
+        payload = result if isinstance(result, dict) else result.model_dump(mode="json")
+        exchange.usage = _usage(payload)
         if on_done is not None:
             on_done(exchange)
         return Response(orjson.dumps(payload), media_type="application/json", headers=dict(extra_headers))
 
-    async def _relay(self, chunks: Any, exchange: Exchange,
-                     on_done: Callable[[Exchange], None] | None) -> AsyncIterator[bytes]:
+    async def _relay(self, chunks: Any, exchange: Exchange, on_done: Callable[[Exchange], None] | None,
+                     route: str) -> AsyncIterator[bytes]:
         iterator = chunks.__aiter__()
         try:
             while True:
@@ -163,11 +198,12 @@ class LiteLLMForwarder:
                         chunk = await iterator.__anext__()
                 except StopAsyncIteration:
                     break
-                data = chunk.model_dump(mode="json", exclude_none=True)
-                if data.get("usage"):
-                    exchange.usage = data["usage"]
-                yield b"data: " + orjson.dumps(data) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+                framed = _sse_event(route, chunk)
+                if b'"usage"' in framed:
+                    exchange.usage = extract_usage(framed) or exchange.usage
+                yield framed
+            if route == "chat":
+                yield b"data: [DONE]\n\n"
         except Exception as exc:  # mid-stream provider error: tell the client in-band, as OpenAI does
             yield self._broken(as_proxy_error(exc, self.timeout), exchange)
         finally:

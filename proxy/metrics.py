@@ -50,9 +50,13 @@ class Series(NamedTuple):
     labels: tuple[str, ...]
 
 
+# usage fields by kind: OpenAI chat's name, then the Responses and Anthropic name.
+TOKEN_FIELDS = (("prompt", "prompt_tokens", "input_tokens"), ("completion", "completion_tokens", "output_tokens"))
+
 # The series updated on every request.
-REQUESTS = Series("bpo_requests_total", "Chat completions served", ("arm", "applied", "reason"))
-REQUEST_SECONDS = Series("bpo_request_seconds", "End-to-end chat completion time", ("arm",))
+# ``route``: chat, responses or messages (the request shapes of proxy/shapes.py: bounded).
+REQUESTS = Series("bpo_requests_total", "Requests served on the rewriting routes", ("arm", "applied", "reason", "route"))
+REQUEST_SECONDS = Series("bpo_request_seconds", "End-to-end time of a request on a rewriting route", ("arm", "route"))
 UPSTREAM_SECONDS = Series("bpo_upstream_seconds", "Time until the upstream's response headers", ("arm",))
 UPSTREAM_TOKENS = Series("bpo_upstream_tokens_total", "Tokens the upstream reported in usage", ("arm", "kind"))
 CACHE_EVENTS = Series("bpo_cache_events_total", "Rewrite cache lookups", ("result",))
@@ -129,13 +133,13 @@ class _LoopRequestMetrics:
             registry.register(collector)  # type: ignore[arg-type]  # a Collector by shape
 
     def observe(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
-                usage: Mapping[str, Any] | None) -> None:
-        self.requests.inc((arm, "true" if applied else "false", reason))
-        self.request_seconds.observe((arm,), seconds)
+                usage: Mapping[str, Any] | None, route: str) -> None:
+        self.requests.inc((arm, "true" if applied else "false", reason, route))
+        self.request_seconds.observe((arm, route), seconds)
         self.upstream_seconds.observe((arm,), upstream_seconds)
         if usage:
-            for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-                tokens = usage.get(field)
+            for kind, field, alias in TOKEN_FIELDS:
+                tokens = usage.get(field, usage.get(alias))
                 if isinstance(tokens, int) and tokens > 0:
                     self.upstream_tokens.inc((arm, kind), tokens)
 
@@ -164,13 +168,13 @@ class _SharedRequestMetrics:
         return child
 
     def observe(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
-                usage: Mapping[str, Any] | None) -> None:
-        self._child(self.requests, arm, "true" if applied else "false", reason).inc()
-        self._child(self.request_seconds, arm).observe(seconds)
+                usage: Mapping[str, Any] | None, route: str) -> None:
+        self._child(self.requests, arm, "true" if applied else "false", reason, route).inc()
+        self._child(self.request_seconds, arm, route).observe(seconds)
         self._child(self.upstream_seconds, arm).observe(upstream_seconds)
         if usage:
-            for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-                tokens = usage.get(field)
+            for kind, field, alias in TOKEN_FIELDS:
+                tokens = usage.get(field, usage.get(alias))
                 if isinstance(tokens, int) and tokens > 0:
                     self._child(self.upstream_tokens, arm, kind).inc(tokens)
 
@@ -229,12 +233,12 @@ class Metrics:
         child.inc(usd)
 
     def observe_request(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
-                        usage: Mapping[str, Any] | None) -> None:
-        """One finished chat completion: counters, latencies and the upstream's token usage.
+                        usage: Mapping[str, Any] | None, route: str = "chat") -> None:
+        """One finished request on a rewriting route: counters, latencies and the upstream's token usage.
 
         Called on the event loop's thread only (like ``cache_event``).
         """
-        self.per_request.observe(arm, applied, reason, seconds, upstream_seconds, usage)
+        self.per_request.observe(arm, applied, reason, seconds, upstream_seconds, usage, route)
 
     def cache_event(self, result: str) -> None:
         """One rewrite cache lookup: hit, miss, error, ..."""

@@ -1,4 +1,5 @@
-"""The wire: read a chat completion request, checking only the fields the gateway touches."""
+"""The wire: read a request of each shape (chat completions, Responses, Messages), checking only the fields
+the gateway touches."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ _LONG_DIGIT_RUN = b"0" * 19
 
 
 @dataclass(slots=True)
-class ChatRequest:
-    """The parsed body (all fields kept) and the raw bytes, for byte-exact forwarding when untouched.
+class WireRequest:
+    """A parsed request of any shape: the body (all fields kept) and the raw bytes, for byte-exact forwarding
+    when untouched.
 
     ``body`` comes from orjson when it can read the bytes (~6x faster than the standard library); it serves
     every look at the request. What goes upstream re-encoded is built from ``exact_body`` instead.
@@ -131,39 +133,77 @@ def _read_json_object(raw: bytes, content_type: str | None) -> tuple[dict[str, A
     return body, by_orjson
 
 
-def parse_chat_request(raw: bytes, content_type: str | None) -> ChatRequest:
+def parse_chat_request(raw: bytes, content_type: str | None) -> WireRequest:
     body, by_orjson = _read_json_object(raw, content_type)
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    model = _model_of(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
     for index, message in enumerate(messages):
         _check_message(message, index)
+    return WireRequest(body, raw, model, _stream_of(body), by_orjson)
+
+
+def parse_responses_request(raw: bytes, content_type: str | None) -> WireRequest:
+    """``POST /v1/responses``: ``input`` is a string or a list of items (``input`` may be absent: a stored
+    ``prompt`` or ``previous_response_id`` carries the conversation); user items' parts are checked."""
+    body, by_orjson = _read_json_object(raw, content_type)
+    model = _model_of(body)
+    given = body.get("input")
+    if given is not None and not isinstance(given, (str, list)):
+        raise InvalidRequest("'input' must be a string or an array of input items.", param="input")
+    for index, item in enumerate(given if isinstance(given, list) else ()):
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"input[{index}] must be an object.", param=f"input[{index}]")
+        if "role" in item:
+            _check_message(item, index, "input", ("input_text",))
+    return WireRequest(body, raw, model, _stream_of(body), by_orjson)
+
+
+def parse_messages_request(raw: bytes, content_type: str | None) -> WireRequest:
+    """``POST /v1/messages`` (Anthropic): ``messages`` is a non-empty list of role/content objects."""
+    body, by_orjson = _read_json_object(raw, content_type)
+    model = _model_of(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
+    for index, message in enumerate(messages):
+        _check_message(message, index)
+    return WireRequest(body, raw, model, _stream_of(body), by_orjson)
+
+
+def _model_of(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    return model
+
+
+def _stream_of(body: dict[str, Any]) -> bool:
     if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
         raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    return ChatRequest(body, raw, model, bool(body.get("stream")), by_orjson)
+    return bool(body.get("stream"))
 
 
-def _check_message(message: Any, index: int) -> None:
+def _check_message(message: Any, index: int, field: str = "messages",
+                   text_types: tuple[str, ...] = ("text",)) -> None:
     """Raises for the first malformed field; the common, well-formed message builds no strings."""
     if not isinstance(message, dict):
-        where = f"messages[{index}]"
+        where = f"{field}[{index}]"
         raise InvalidRequest(f"{where} must be an object.", param=where)
     if not isinstance(message.get("role"), str):
-        where = f"messages[{index}].role"
+        where = f"{field}[{index}].role"
         raise InvalidRequest(f"{where} is required and must be a string.", param=where)
     content = message.get("content")
     if content is None or isinstance(content, str):
         return
     if not isinstance(content, list):
-        where = f"messages[{index}].content"
+        where = f"{field}[{index}].content"
         raise InvalidRequest(f"{where} must be a string or an array of content parts.", param=where)
     for part_index, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            where = f"messages[{index}].content[{part_index}]"
+            where = f"{field}[{index}].content[{part_index}]"
             raise InvalidRequest(f"{where} must be an object with a 'type'.", param=where)
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
-            where = f"messages[{index}].content[{part_index}].text"
+        if part["type"] in text_types and not isinstance(part.get("text"), str):
+            where = f"{field}[{index}].content[{part_index}].text"
             raise InvalidRequest(f"{where} must be a string.", param=where)

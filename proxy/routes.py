@@ -14,21 +14,26 @@ from proxy.errors import NotFound, ProxyError
 from proxy.feedback import feedback_endpoint
 from proxy.forward import Exchange, passthrough_url, upstream_headers
 from proxy.protocol import read_body
+from proxy.shapes import MESSAGES, SHAPES, Shape, anthropic_error
+from proxy.upstream_calls import messages_target
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 OWN_PREFIX = "/v1/bpo"  # the gateway's own /v1 namespace: never forwarded upstream
 
 
-class ChatCompletions:
-    """The chat route as a bare ASGI app, for requests that reach the router: ``proxy.app.Gateway`` serves
+class RewritingRoute:
+    """A rewriting route as a bare ASGI app, for requests that reach the router: ``proxy.app.Gateway`` serves
     the usual ones before it, and this one those under a root path (the app mounted in another).
 
-    ``ChatService.handle`` turns every ``ProxyError`` into a response itself; anything else still reaches
+    ``RewriteService.handle`` turns every ``ProxyError`` into a response itself; anything else still reaches
     the app's error middleware.
     """
 
+    def __init__(self, shape: Shape) -> None:
+        self.shape = shape
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response: Response = await scope["app"].state.chat.handle(scope, receive)
+        response: Response = await scope["app"].state.rewriting.handle(self.shape, scope, receive)
         await response(scope, receive, send)
 
 
@@ -84,6 +89,37 @@ async def passthrough(request: Request) -> Response:
         return exc.response()
 
 
+async def anthropic_passthrough(request: Request) -> Response:
+    """Other ``/v1/messages/*`` calls (``count_tokens``, batches) go to the Anthropic upstream unchanged: the
+    body's model's ``anthropic/`` route (its base and key), else ``--anthropic-base-url``."""
+    settings = request.app.state.settings
+    try:
+        body = await read_body(request, settings.max_body_bytes)
+        target = messages_target(settings, _model_in(body))
+        if target.kind != "anthropic":
+            target = messages_target(settings, "")
+        headers = upstream_headers(request.headers, None)
+        if target.api_key:
+            headers.pop("authorization", None)
+            headers["x-api-key"] = target.api_key
+        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        query: bytes = request.scope.get("query_string", b"")
+        url = passthrough_url(f"{target.base_url}/v1", raw_path.decode("latin-1"), query.decode("latin-1"))
+        response: Response = await request.app.state.http.forward(request.method, url, headers, body, Exchange(),
+                                                                  {})
+    except ProxyError as exc:
+        return anthropic_error(exc)
+    return response
+
+
+def _model_in(body: bytes) -> str:
+    try:
+        model = orjson.loads(body).get("model") if body else None
+    except (orjson.JSONDecodeError, AttributeError):
+        model = None
+    return model if isinstance(model, str) else ""
+
+
 async def _forward(request: Request, raw_path: str, query: str = "") -> Response:
     settings = request.app.state.settings
     if not settings.upstream_base_url:
@@ -124,7 +160,8 @@ async def metrics(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route(CHAT_COMPLETIONS, ChatCompletions(), methods=["POST"]),
+        *(Route(shape.path, RewritingRoute(shape), methods=["POST"]) for shape in SHAPES),
+        Route(MESSAGES.path + "/{path:path}", anthropic_passthrough, methods=["GET", "POST", "DELETE"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/bpo/feedback", feedback_endpoint, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),

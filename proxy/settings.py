@@ -19,6 +19,8 @@ from proxy.keys import ClientKey, KeySpecError, config_key
 ENV_PREFIX = "BPO_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 CLIENT_AUTH_MODES = ("on", "off", "auto")
+# The skip policy's rules (proxy/skip.py holds what each one checks).
+SKIP_RULE_NAMES = ("json-schema", "code-or-data", "unsupported-language")
 LITELLM_SECTIONS = frozenset({"model_list", "litellm_settings", "general_settings", "router_settings",
                               "environment_variables"})
 
@@ -38,6 +40,7 @@ class ModelRoute:
     model_name: str
     litellm_params: Mapping[str, Any]
     model_info: Mapping[str, Any] = field(default_factory=dict)  # prices for budgets, as in LiteLLM
+    skip_rules: tuple[str, ...] | None = None  # bpo_skip_rules: this model's skip policy (None: the default)
 
     @property
     def provider_model(self) -> str:
@@ -59,6 +62,8 @@ class Settings:
     )
     upstream_timeout: float = _opt(600.0, "seconds: the deadline of a plain answer (else 504), and the longest "
                                        "silence inside a stream (else it ends with an error event)")
+    anthropic_base_url: str = _opt(
+        "https://api.anthropic.com", "Anthropic Messages API upstream of /v1/messages for models not in model_list")
     optimizer: str = _opt("hf:THUDM/BPO", "optimizer spec: none | hf:PATH_OR_HUB_ID | remote:BASE_URL | llm:MODEL")
     optimizer_timeout: float = _opt(3.0, "deadline in seconds for one rewrite; past it the original is sent")
     optimizer_max_new_tokens: int = _opt(
@@ -72,6 +77,17 @@ class Settings:
     require_optimizer: bool = _opt(False, "fail start-up when the optimizer cannot load, instead of passing through")
     mode: str = _opt("stable", "default rewrite mode: stable | aggressive", choices=("stable", "aggressive"))
     optimize_by_default: bool = _opt(True, "rewrite prompts when neither X-BPO nor an A/B split decides")
+    rewrite_history: str = _opt(
+        "on", "on: earlier user turns that were rewritten are sent as that cached rewrite again (never a new "
+        "optimizer call), so the model sees the conversation it answered and prompt caches keep their prefix",
+        choices=("on", "off"))
+    skip_rules: str = _opt(
+        "json-schema,code-or-data,unsupported-language",
+        "requests not rewritten, comma-separated rule names (none: rewrite every user turn); a model_list "
+        "entry's bpo_skip_rules overrides it for that model")
+    optimizer_languages: str = _opt(
+        "en", "languages the optimizer was trained on (en, fr, de, es, it, pt, nl, cjk, cyrillic, ...); a "
+        "prompt clearly in another is not rewritten (rule unsupported-language)")
     max_prompt_chars: int = _opt(8000, "a user turn with more text (all parts) is forwarded unchanged (too-long)")
     max_body_bytes: int = _opt(10 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
     max_header_bytes: int = _opt(64 * 1024, "largest request line plus headers accepted, in bytes (431 above)")
@@ -252,7 +268,11 @@ def _parse_model_list(entries: Sequence[Any], path: Path, environ: Mapping[str, 
         info = entry.get("model_info") or {}
         if not isinstance(info, dict):
             raise SettingsError(f"{where}.model_info must be a mapping")
-        routes.append(ModelRoute(entry["model_name"], _resolve_env_refs(params, environ, where), info))
+        skip = entry.get("bpo_skip_rules")
+        if skip is not None and not (isinstance(skip, list) and all(isinstance(r, str) for r in skip)):
+            raise SettingsError(f"{where}.bpo_skip_rules must be a list of rule names")
+        routes.append(ModelRoute(entry["model_name"], _resolve_env_refs(params, environ, where), info,
+                                 None if skip is None else tuple(skip)))
     return tuple(routes)
 
 
@@ -302,6 +322,8 @@ def validate(settings: Settings) -> None:
         (settings.shadow_max_per_minute >= 0, "shadow_max_per_minute", "must not be negative"),
         (settings.log_level.lower() in LOG_LEVELS, "log_level", "must be one of " + ", ".join(LOG_LEVELS)),
         (settings.mode in ("stable", "aggressive"), "mode", "must be stable or aggressive"),
+        (settings.rewrite_history in ("on", "off"), "rewrite_history", "must be on or off"),
+        (_names_ok(settings.skip_rules), "skip_rules", "must name rules among " + ", ".join(SKIP_RULE_NAMES)),
         (0 <= settings.shadow_rate <= 1, "shadow_rate", "must be between 0 and 1"),
         (_spec_ok(settings.optimizer, ("none", "hf:", "remote:", "llm:")), "optimizer",
          "must be none, hf:PATH, remote:URL or llm:MODEL"),
@@ -315,12 +337,26 @@ def validate(settings: Settings) -> None:
         (settings.key_cache_seconds >= 0, "key_cache_seconds", "must not be negative"),
         (settings.budget_default_max_tokens >= 1, "budget_default_max_tokens", "must be at least 1"),
     ]
+    for route in settings.model_list:
+        if route.skip_rules is not None and not _names_ok(",".join(route.skip_rules) or "none"):
+            raise SettingsError(f"model_list {route.model_name!r}: bpo_skip_rules must name rules among "
+                                + ", ".join(SKIP_RULE_NAMES))
     if settings.ab_treatment_percent is not None:
         checks.append((0 <= settings.ab_treatment_percent <= 100, "ab_treatment_percent", "must be 0-100"))
     for ok, name, problem in checks:
         if not ok:
             value = getattr(settings, name)
             raise SettingsError(f"{flag_name(name)} / {env_name(name)} = {value!r}: {problem}")
+
+
+def skip_rule_names(spec: str) -> tuple[str, ...]:
+    """The rule names of a ``--skip-rules`` value (``none``: no rule)."""
+    names = tuple(name.strip() for name in spec.split(",") if name.strip())
+    return () if names == ("none",) else names
+
+
+def _names_ok(spec: str) -> bool:
+    return all(name in SKIP_RULE_NAMES for name in skip_rule_names(spec))
 
 
 def _spec_ok(spec: str, prefixes: Sequence[str]) -> bool:

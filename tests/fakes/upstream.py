@@ -1,4 +1,7 @@
-"""A fake OpenAI-compatible provider: records every request, answers plain/SSE/errors/delays on cue.
+"""A fake provider: records every request, answers plain/SSE/errors/delays on cue.
+
+It speaks OpenAI's chat completions, completions (the optimizer) and Responses API, and Anthropic's Messages
+API (``/v1/messages``), each answering ``echo: <the newest user text>``.
 
 Run in-process (``FakeUpstream().start()``, a uvicorn server on a thread) or as a process:
 ``python -m tests.fakes.upstream --port 9001`` (benchmarks do this to keep its CPU apart).
@@ -111,6 +114,87 @@ def sse_chunks(model: str, text: str, n: int = 1, include_usage: bool = False,
         out.append(chunk([], {"usage": usage}))
     out.append(b"data: [DONE]\n\n")
     return out
+
+
+def _texts(content: Any, text_types: tuple[str, ...]) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") in text_types)
+
+
+def newest_input_text(body: dict[str, Any]) -> str:
+    """The Responses API's newest user text: ``input`` as a string, or its last user item's text parts."""
+    given = body.get("input")
+    if isinstance(given, str):
+        return given
+    users = [item for item in given or [] if isinstance(item, dict) and item.get("role") == "user"]
+    return _texts(users[-1].get("content"), ("input_text",)) if users else ""
+
+
+def responses_reply(body: dict[str, Any], content: str | None = None) -> Reply:
+    """A Responses API answer (plain or SSE) echoing the newest user text."""
+    text = content if content is not None else "echo: " + newest_input_text(body)
+    model = body.get("model", "fake-model")
+    message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    usage = {"input_tokens": 11, "output_tokens": len(text.split()), "total_tokens": 11 + len(text.split()),
+             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    done = {"id": "resp_fake", "object": "response", "created_at": 1700000000, "status": "completed",
+            "model": model, "output": [message], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": usage}
+    if not body.get("stream"):
+        return Reply(json=done)
+    started = {**done, "status": "in_progress", "output": [], "usage": None}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": started}),
+        ("response.output_item.added", {"output_index": 0, "item": {**message, "status": "in_progress",
+                                                                   "content": []}}),
+        ("response.content_part.added", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
+                                         "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ]
+    events += [("response.output_text.delta", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
+                                               "delta": word + " "}) for word in text.split(" ")]
+    events += [("response.output_text.done", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
+                                              "text": text}),
+               ("response.output_item.done", {"output_index": 0, "item": message}),
+               ("response.completed", {"response": done})]
+    return Reply(sse=[named_event(name, {"type": name, "sequence_number": number, **data})
+                      for number, (name, data) in enumerate(events)])
+
+
+def named_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: ".encode() + json.dumps(data).encode() + b"\n\n"
+
+
+def last_user_blocks_text(body: dict[str, Any]) -> str:
+    """The Messages API's last user turn's text blocks."""
+    users = [m for m in body.get("messages", []) if isinstance(m, dict) and m.get("role") == "user"]
+    return _texts(users[-1].get("content"), ("text",)) if users else ""
+
+
+def messages_reply(body: dict[str, Any], content: str | None = None) -> Reply:
+    """An Anthropic Messages API answer (plain or SSE) echoing the last user turn's text."""
+    text = content if content is not None else "echo: " + last_user_blocks_text(body)
+    model = body.get("model", "claude-fake")
+    usage = {"input_tokens": 11, "output_tokens": len(text.split())}
+    message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+               "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+               "usage": usage}
+    if not body.get("stream"):
+        return Reply(json=message)
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"message": {**message, "content": [], "stop_reason": None,
+                                       "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {}),
+    ]
+    events += [("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word + " "}})
+               for word in text.split(" ")]
+    events += [("content_block_stop", {"index": 0}),
+               ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                  "usage": {"output_tokens": len(text.split())}}),
+               ("message_stop", {})]
+    return Reply(sse=[named_event(name, {"type": name, **data}) for name, data in events])
 
 
 def default_rewrite(prompt: str) -> str:
@@ -240,6 +324,12 @@ class FakeUpstream:
             return chat_reply(recorded.json)
         if recorded.path == "/v1/completions":
             return completion_reply(recorded.json)
+        if recorded.path == "/v1/responses":
+            return responses_reply(recorded.json)
+        if recorded.path == "/v1/messages":
+            return messages_reply(recorded.json)
+        if recorded.path == "/v1/messages/count_tokens":
+            return Reply(json={"input_tokens": 42})
         if recorded.path == "/v1/models":
             return Reply(json={"object": "list", "data": [
                 {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]})

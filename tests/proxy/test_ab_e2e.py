@@ -73,10 +73,10 @@ def test_1000_users_split_with_headers_metrics_and_events_that_agree(
     assert 250 <= treated <= 350  # 30% of 1,000; sd 14.5
 
     samples = scrape(proxy)
-    assert sample(samples, "bpo_requests_total", arm="treatment", applied="true", reason="") == treated
+    assert sample(samples, "bpo_requests_total", arm="treatment", applied="true", reason="", route="chat") == treated
     assert sample(samples, "bpo_requests_total", arm="control", applied="false",
-                  reason="control-arm") == 1000 - treated
-    assert sample(samples, "bpo_request_seconds_count", arm="treatment") == treated
+                  reason="control-arm", route="chat") == 1000 - treated
+    assert sample(samples, "bpo_request_seconds_count", arm="treatment", route="chat") == treated
     assert sample(samples, "bpo_upstream_seconds_count", arm="control") == 1000 - treated
     assert sample(samples, "bpo_upstream_tokens_total", arm="treatment", kind="prompt") == 11 * treated
 
@@ -144,9 +144,10 @@ def test_x_bpo_overrides_the_arm_and_stays_out_of_arm_statistics(
     assert caught.value.body["param"] == "X-BPO"  # type: ignore[index]
 
     samples = scrape(proxy)
-    assert sample(samples, "bpo_requests_total", arm="override", applied="false", reason="disabled") == 1
-    assert sample(samples, "bpo_requests_total", arm="override", applied="true", reason="") == 1
-    assert sample(samples, "bpo_requests_total", arm="treatment", applied="true", reason="") == sum(
+    assert sample(samples, "bpo_requests_total", arm="override", applied="false", reason="disabled",
+                  route="chat") == 1
+    assert sample(samples, "bpo_requests_total", arm="override", applied="true", reason="", route="chat") == 1
+    assert sample(samples, "bpo_requests_total", arm="treatment", applied="true", reason="", route="chat") == sum(
         a == "treatment" for a in arms.values())
     proxy.stop()
     overrides = [e for e in read_jsonl(events) if e["override"]]

@@ -156,10 +156,10 @@ def test_the_gateways_own_v1_bpo_paths_are_never_forwarded(proxy: RunningProxy, 
 def test_a_fault_in_the_chat_service_is_a_500_in_openai_shape(proxy: RunningProxy,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # Fault injection: a bug the service does not expect must still answer in OpenAI's error shape.
-    async def broken(scope: object, receive: object) -> None:
+    async def broken(shape: object, scope: object, receive: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(proxy.app.state.chat, "handle", broken)
+    monkeypatch.setattr(proxy.app.state.rewriting, "handle", broken)
     response = httpx.post(proxy.base_url + "/chat/completions", json={"model": "fake-model", "messages": USER})
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"

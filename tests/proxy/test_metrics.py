@@ -38,7 +38,8 @@ def test_loop_counter_exposes_what_prometheus_clients_counter_would() -> None:
     loop = LoopCounter(REQUESTS)
     ours.register(loop)  # type: ignore[arg-type]
     native = Counter(REQUESTS.name, REQUESTS.help, REQUESTS.labels, registry=theirs)
-    for labels, amount in ((("none", "true", ""), 1), (("none", "false", "disabled"), 3), (("none", "true", ""), 2)):
+    for labels, amount in ((("none", "true", "", "chat"), 1), (("none", "false", "disabled", "messages"), 3),
+                           (("none", "true", "", "chat"), 2)):
         loop.inc(labels, amount)
         native.labels(*labels).inc(amount)
     assert samples(ours) == samples(theirs)
@@ -57,12 +58,18 @@ def test_both_request_metric_kinds_count_the_same(multiprocess: bool, tmp_path: 
     assert metrics.multiprocess is multiprocess
     metrics.observe_request("treatment", True, "", 0.02, 0.01, {"prompt_tokens": 7, "completion_tokens": 0})
     metrics.observe_request("treatment", True, "", 0.03, 0.01, {"prompt_tokens": True})
+    metrics.observe_request("treatment", True, "", 0.03, 0.01, {"input_tokens": 4, "output_tokens": 5},
+                            route="messages")
     metrics.cache_event("hit")
     found = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples_of(metrics)}
-    assert found[("bpo_requests_total", (("applied", "true"), ("arm", "treatment"), ("reason", "")))] == 2
-    assert found[("bpo_request_seconds_count", (("arm", "treatment"),))] == 2
-    assert found[("bpo_upstream_tokens_total", (("arm", "treatment"), ("kind", "prompt")))] == 8
-    assert ("bpo_upstream_tokens_total", (("arm", "treatment"), ("kind", "completion"))) not in found
+    assert found[("bpo_requests_total", (("applied", "true"), ("arm", "treatment"), ("reason", ""),
+                                         ("route", "chat")))] == 2
+    assert found[("bpo_requests_total", (("applied", "true"), ("arm", "treatment"), ("reason", ""),
+                                         ("route", "messages")))] == 1
+    assert found[("bpo_request_seconds_count", (("arm", "treatment"), ("route", "chat")))] == 2
+    # Anthropic's and the Responses API's input_tokens/output_tokens count as prompt/completion tokens.
+    assert found[("bpo_upstream_tokens_total", (("arm", "treatment"), ("kind", "prompt")))] == 12
+    assert found[("bpo_upstream_tokens_total", (("arm", "treatment"), ("kind", "completion")))] == 5
     assert found[("bpo_cache_events_total", (("result", "hit"),))] == 1
 
 

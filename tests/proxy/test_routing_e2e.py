@@ -130,7 +130,7 @@ def test_health_readiness_and_metrics(upstream: FakeUpstream, proxy: RunningProx
 
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(proxy.url + "/metrics").text)}
     (sample,) = [s for s in families["bpo_requests"].samples if s.name == "bpo_requests_total"]
-    assert sample.labels == {"arm": "none", "applied": "true", "reason": ""} and sample.value == 1
+    assert sample.labels == {"arm": "none", "applied": "true", "reason": "", "route": "chat"} and sample.value == 1
     assert families["bpo_cache_events"].samples
     optimizer_counts = [s for s in families["bpo_optimizer_seconds"].samples if s.name.endswith("_count")]
     assert [(s.labels, s.value) for s in optimizer_counts] == [({"backend": "remote"}, 1.0)]

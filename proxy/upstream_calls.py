@@ -1,0 +1,113 @@
+"""Each request shape's upstream call: where a model's requests go, and the URL, headers and body sent there.
+
+Chat completions and the Responses API follow ``resolve_target`` (``model_list``, else
+``--upstream-base-url``). Messages go to Anthropic's wire: ``anthropic/`` routes (their ``api_base``) and
+models without a route (``--anthropic-base-url``) byte for byte; any other route through litellm's
+Anthropic-format entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from starlette.responses import Response
+
+from proxy.context import RequestContext
+from proxy.forward import (
+    Exchange,
+    HttpForwarder,
+    Target,
+    chat_url,
+    encode_body,
+    provider_body,
+    resolve_target,
+    upstream_headers,
+)
+from proxy.litellm_forward import LiteLLMForwarder
+from proxy.settings import Settings
+
+MAX_REMEMBERED_TARGETS = 1024  # model names are client input: the memo stays bounded
+AZURE_RESPONSES_API_VERSION = "2025-04-01-preview"
+
+
+def messages_target(settings: Settings, model: str) -> Target:
+    """Where ``POST /v1/messages`` for ``model`` goes: Anthropic's wire, or litellm for other providers."""
+    route = settings.route_for(model)
+    if route is None:
+        return Target("anthropic", model, _anthropic_base(settings.anthropic_base_url))
+    params = dict(route.litellm_params)
+    provider, _, provider_model = str(params.pop("model")).partition("/")
+    api_key = params.pop("api_key", None)
+    if provider == "anthropic" and provider_model:
+        base = str(params.pop("api_base", None) or settings.anthropic_base_url)
+        return Target("anthropic", provider_model, _anthropic_base(base), api_key, params)
+    return Target("litellm", route.provider_model, None, api_key or settings.upstream_api_key, route.litellm_params)
+
+
+def _anthropic_base(base: str) -> str:
+    """The base without a trailing ``/v1``: both spellings are common in configs."""
+    return base.rstrip("/").removesuffix("/v1")
+
+
+class UpstreamCalls:
+    """Builds and sends the upstream call of a request of any shape; targets are remembered per model."""
+
+    def __init__(self, settings: Settings, http: HttpForwarder, providers: LiteLLMForwarder) -> None:
+        self.settings = settings
+        self.http = http
+        self.providers = providers
+        self._targets: dict[tuple[str, str], Target] = {}
+
+    def target(self, route: str, model: str) -> Target:
+        """``resolve_target`` (or ``messages_target``), remembered: the settings never change while serving."""
+        key = (route, model)
+        target = self._targets.get(key)
+        if target is None:
+            # Raises for an unknown model: nothing kept.
+            target = messages_target(self.settings, model) if route == "messages" else resolve_target(
+                self.settings, model)
+            if len(self._targets) >= MAX_REMEMBERED_TARGETS:
+                self._targets.clear()
+            self._targets[key] = target
+        return target
+
+    async def send(self, ctx: RequestContext, extra: Mapping[str, str],
+                   finish: Callable[[Exchange], None]) -> Response:
+        target, request, body = ctx.target, ctx.request, ctx.rewritten.body
+        if target.kind == "litellm":
+            full = request.exact_body if body is None else body
+            return await self.providers.forward(target, {**full, "model": target.model}, ctx.exchange, extra,
+                                                finish, route=ctx.shape.route)
+        url, params = self._url(ctx.shape.route, target)
+        headers = upstream_headers(ctx.headers, None if target.kind == "anthropic" else target.api_key,
+                                   azure=target.kind == "azure")
+        if target.kind == "anthropic" and target.api_key:  # the route's key replaces the client's
+            headers.pop("authorization", None)
+            headers["x-api-key"] = target.api_key
+        headers["content-type"] = "application/json"
+        return await self.http.forward("POST", url, headers, self._payload(ctx, target), ctx.exchange, extra,
+                                       finish, params, stream=request.stream)
+
+    @staticmethod
+    def _url(route: str, target: Target) -> tuple[str, dict[str, str] | None]:
+        if route == "chat":
+            return chat_url(target)
+        if route == "messages":
+            return f"{target.base_url}/v1/messages", None
+        if target.kind == "azure":
+            version = str(target.params.get("api_version", AZURE_RESPONSES_API_VERSION))
+            return f"{target.base_url}/openai/responses", {"api-version": version}
+        return f"{target.base_url}/responses", None
+
+    @staticmethod
+    def _payload(ctx: RequestContext, target: Target) -> bytes:
+        request, body = ctx.request, ctx.rewritten.body
+        if body is None and target.model == request.model:
+            return request.raw  # untouched: the client's exact bytes
+        sent: Mapping[str, Any] = request.exact_body if body is None else body
+        if ctx.shape.route == "chat":
+            sent = provider_body(sent, target)
+        elif sent.get("model") != target.model:  # Azure's Responses API names the deployment in the body
+            sent = {**sent, "model": target.model}
+        return encode_body(sent, orjson_safe=request.read_by_orjson)
