@@ -55,8 +55,10 @@ TOKEN_FIELDS = (("prompt", "prompt_tokens", "input_tokens"), ("completion", "com
 
 # The series updated on every request.
 # ``route``: chat, responses or messages (the request shapes of proxy/shapes.py: bounded).
-REQUESTS = Series("bpo_requests_total", "Requests served on the rewriting routes", ("arm", "applied", "reason", "route"))
-REQUEST_SECONDS = Series("bpo_request_seconds", "End-to-end time of a request on a rewriting route", ("arm", "route"))
+REQUESTS = Series("bpo_requests_total", "Requests served on the rewriting routes",
+                  ("arm", "applied", "reason", "route"))
+REQUEST_SECONDS = Series("bpo_request_seconds", "End-to-end time of a request on a rewriting route",
+                         ("arm", "route"))
 UPSTREAM_SECONDS = Series("bpo_upstream_seconds", "Time until the upstream's response headers", ("arm",))
 UPSTREAM_TOKENS = Series("bpo_upstream_tokens_total", "Tokens the upstream reported in usage", ("arm", "kind"))
 CACHE_EVENTS = Series("bpo_cache_events_total", "Rewrite cache lookups", ("result",))

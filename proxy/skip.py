@@ -24,7 +24,8 @@ MIN_LINES = 3
 SAMPLE_LINES = 400  # the start of a long turn says enough; the cost stays bounded
 _CODE_LINE = re.compile(
     r"^\s*(?:[{}\[\]<#]|//|/\*|\*|(?:def|class|import|from|function|const|let|var|public|private|return|if|for|"
-    r"while|SELECT|INSERT|UPDATE|CREATE)\b)|[;{}(),]\s*$|=>|:=|==|(?<!\w)\w+\([^)]*\)\s*$|^(?:[^,\t|]*[,\t|]){2,}[^ ]*$")
+    r"while|SELECT|INSERT|UPDATE|CREATE)\b)|[;{}(),]\s*$|=>|:=|==|(?<!\w)\w+\([^)]*\)\s*$"
+    r"|^(?:[^,\t|]*[,\t|]){2,}[^ ]*$")
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ def test_1000_users_split_with_headers_metrics_and_events_that_agree(
     first = written[0]
     assert set(first) == {"type", "request_id", "time", "experiment", "arm", "override", "applied", "reason",
                           "optimizer", "cache", "mode", "model", "stream", "status", "latency_ms",
-                          "upstream_ms", "overhead_ms", "usage"}  # never the prompt text by default
+                          "upstream_ms", "overhead_ms", "usage", "route",
+                          "history_replayed"}  # never the prompt text by default
     assert first["experiment"] == "names-v1" and first["usage"]["prompt_tokens"] == 11
     report = summarize(load_events(str(events)), str(events), "names-v1")
     by_arm = {a.arm: a for a in report.arms}

@@ -176,7 +176,7 @@ def test_slow_optimizer_fails_open_with_timeout(upstream: FakeUpstream, start_pr
     assert raw.headers["x-bpo-reason"] == "timeout"
     assert upstream.requests_to("/v1/chat/completions")[-1].json["messages"][0]["content"] == "Write a haiku"
     metrics = httpx.get(proxy.url + "/metrics").text
-    assert 'bpo_requests_total{applied="false",arm="none",reason="timeout"} 1.0' in metrics
+    assert 'bpo_requests_total{applied="false",arm="none",reason="timeout",route="chat"} 1.0' in metrics
 
 
 def test_broken_optimizer_fails_open(upstream: FakeUpstream, start_proxy: StartProxy) -> None:

@@ -99,7 +99,7 @@ def test_unreachable_upstream_is_a_502_headed_and_counted(start_proxy: StartProx
     assert response.headers["x-bpo-applied"] == "true" and response.headers["x-bpo-cache"] == "miss"
     assert float(response.headers["x-bpo-overhead-ms"]) >= 0
     metrics = httpx.get(proxy.url + "/metrics").text
-    assert 'bpo_requests_total{applied="true",arm="none",reason=""} 1.0' in metrics
+    assert 'bpo_requests_total{applied="true",arm="none",reason="",route="chat"} 1.0' in metrics
 
 
 def test_silent_upstream_is_a_504(upstream: FakeUpstream, start_proxy: StartProxy) -> None:
