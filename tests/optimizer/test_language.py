@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optimizer.guard import check_rewrite
+from optimizer.guard import RULES, check_rewrite
 from optimizer.language import is_supported, language_of, same_language
 
 ENGLISH = frozenset({"en"})
@@ -24,12 +24,15 @@ def test_language_of(text: str, language: str | None) -> None:
 
 
 def test_a_translated_rewrite_is_rejected_by_the_guard() -> None:
-    verdict = check_rewrite("请帮我写一首关于春天的诗", "Please write a poem about spring, with vivid imagery.")
-    assert not verdict.accepted and verdict.rule == "language"
+    language_rule = [rule for rule in RULES if rule.name == "language"]
+    chinese, english = "请帮我写一首关于春天的诗", "Please write a poem about spring, with vivid imagery."
+    assert check_rewrite(chinese, english, language_rule).rule == "language"
+    assert not check_rewrite(chinese, english).accepted  # the whole guard (an earlier rule may name it first)
     french = "Écris-moi un poème sur le printemps et la pluie dans la ville"
-    assert check_rewrite(french, "Write me a poem about the spring and the rain in the city, please.").rule == \
-        "language"
-    assert check_rewrite("Tell me about llamas", "Tell me about llamas: their history and care.").accepted
+    assert check_rewrite(french, "Write me a poem about the spring and the rain in the city, please.",
+                         language_rule).rule == "language"
+    assert check_rewrite("Tell me about llamas", "Tell me about llamas: their history and care.",
+                         language_rule).accepted
 
 
 def test_same_language_is_lenient_where_the_language_cannot_be_named() -> None:

@@ -47,7 +47,7 @@ def test_a_lone_surrogate_in_the_model_is_passed_and_accounted(upstream: FakeUps
         assert response.text.rstrip().endswith("data: [DONE]")
     assert upstream.requests_to("/v1/chat/completions")[-1].json["model"] == "fake-\udc00"
     metrics = httpx.get(proxy.url + "/metrics", timeout=30).text
-    assert 'bpo_requests_total{applied="true",arm="none",reason=""} 1.0' in metrics
+    assert 'bpo_requests_total{applied="true",arm="none",reason="",route="chat"} 1.0' in metrics
     proxy.stop()  # the events sink flushes on close
     assert json.loads(events.read_text())["model"] == "fake-\udc00"
 
