@@ -25,8 +25,8 @@ from optimizer.pipeline import Outcome, RewritePipeline
 from proxy.ab import ArmAssigner
 from proxy.budget import wants_usage, with_usage_requested, without_usage_chunk
 from proxy.clients import CLIENT, ClientContext, Meter
-from proxy.disconnect import OPTIMIZER, UPSTREAM, ClientGone, ClientWatch
 from proxy.context import RequestContext, Rewritten
+from proxy.disconnect import OPTIMIZER, UPSTREAM, ClientGone, ClientWatch
 from proxy.errors import ProxyError
 from proxy.events import EventSink
 from proxy.feedback import RecentRequests
