@@ -44,7 +44,7 @@ def test_rejection_names_its_rule_in_headers_log_and_event_but_no_text(
     echoing_optimizer(upstream)
     path = tmp_path / "events.jsonl"
     proxy = start_proxy(events=f"jsonl:{path}")
-    with caplog.at_level(logging.INFO, logger="bpo.chat"):
+    with caplog.at_level(logging.INFO, logger="bpo.serving"):
         debugged, plain = ask(proxy.base_url, debug=True), ask(proxy.base_url, debug=False)
         proxy.stop()
     for raw in (debugged, plain):
@@ -59,7 +59,7 @@ def test_rejection_names_its_rule_in_headers_log_and_event_but_no_text(
     event = request_event(path, request_id)
     assert event["guard_rule"] == "template-echo" and event["reason"] == "guard-rejected"
     assert "rejected_prompt" not in event and "expert prompt engineer" not in path.read_text(encoding="utf-8")
-    lines = [record.getMessage() for record in caplog.records if record.name == "bpo.chat"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "bpo.serving"]
     assert f"guard rejected a rewrite: request_id={request_id} rule=template-echo" in lines
     assert not any("Caspian" in line or "expert prompt" in line for line in lines)
 
