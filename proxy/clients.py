@@ -36,6 +36,7 @@ from proxy.keystore import KeyRecord, KeyStore, KeyStoreError, Settlement
 from proxy.limits import BUDGET_EXCEEDED, RATE_LIMITED, Admission, Ask
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.shapes import error_for_path
 
 log = logging.getLogger("bpo.clients")
 
@@ -225,7 +226,7 @@ class ClientGuard:
                     self.count(key.name, "ok")
                 context.admitted = True
         except ProxyError as exc:
-            return exc.response()
+            return error_for_path(path, exc)  # Anthropic's shape on /v1/messages, OpenAI's elsewhere
         return None
 
     async def lookup(self, presented: str) -> ClientKey | None:

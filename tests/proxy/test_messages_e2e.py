@@ -8,6 +8,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -173,3 +174,30 @@ def test_other_providers_go_through_litellms_messages_entry_point(upstream: Fake
     recorded = upstream.requests_to("/v1/responses")[-1]
     assert recorded.headers["authorization"] == "Bearer sk-route"
     assert default_rewrite("Say hi") in recorded.body.decode()
+
+
+def test_client_auth_refuses_in_anthropics_shape(upstream: FakeUpstream, start_proxy: StartProxy,
+                                                 tmp_path: Path) -> None:
+    proxy = start_proxy(anthropic_base_url=upstream.base_url, key_store=f"sqlite:{tmp_path / 'keys.db'}",
+                        client_auth="on", optimizer="none")
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-bpo-not-a-key", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        client.messages.create(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.body == {"type": "error", "error": {
+        "type": "authentication_error", "message": "The client key is not valid (unknown or revoked)."}}
+    assert upstream.requests_to("/v1/messages") == []
+
+
+def test_a_responses_request_on_a_litellm_route_goes_through_litellm_aresponses(
+        upstream: FakeUpstream, start_proxy: StartProxy, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model_list": [{"model_name": "claude", "litellm_params": {
+        "model": "anthropic/claude-fake", "api_base": upstream.base_url.removesuffix("/v1"),
+        "api_key": "sk-ant-route"}}]}))
+    proxy = start_proxy(config=str(config))
+    client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0)
+    raw = client.responses.with_raw_response.create(model="claude", input="Say hi", max_output_tokens=32)
+    assert raw.headers["x-bpo-applied"] == "true"
+    assert raw.parse().output_text == "echo: " + default_rewrite("Say hi")
+    recorded = upstream.requests_to("/v1/messages")[-1]  # litellm spoke Anthropic's API to the provider
+    assert recorded.headers["x-api-key"] == "sk-ant-route"
