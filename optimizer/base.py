@@ -59,7 +59,7 @@ class OptimizerOptions:
 
     # The cap on one rewrite's tokens; each rewrite's own budget is sized from its prompt (budget.token_budget).
     max_new_tokens: int = 1024
-    max_batch_size: int = 8
+    max_batch_size: int = 0  # 0: by device (hf.default_batch_size)
     max_wait_ms: float = 5.0
     seed: int | None = None
     device: str | None = None

@@ -83,6 +83,15 @@ def pick_device(requested: str | None) -> str:
     return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
+# Measured (bench/README.md, issue 14): on CPU one padded batch of real prompts keeps every caller waiting for the
+# longest row and saves no compute, so rewrites go one at a time; a GPU runs a batch's rows in parallel.
+CPU_BATCH_SIZE, ACCELERATOR_BATCH_SIZE = 1, 8
+
+
+def default_batch_size(device: str) -> int:
+    return CPU_BATCH_SIZE if device.startswith("cpu") else ACCELERATOR_BATCH_SIZE
+
+
 def pick_dtype(device: str) -> Any:
     import torch
 
@@ -377,7 +386,8 @@ class HFOptimizer:
             self._speed = await asyncio.to_thread(self._measure, loaded)
         self._batcher = DynamicBatcher(
             functools.partial(generate_batch, loaded, self.options),
-            max_batch_size=self.options.max_batch_size, max_wait_ms=self.options.max_wait_ms,
+            max_batch_size=self.options.max_batch_size or default_batch_size(loaded.device),
+            max_wait_ms=self.options.max_wait_ms,
             key=lambda request: request.mode, on_batch=self.options.on_batch,
             name=f"bpo-generate-{loaded.identity}")
         self._identity = loaded.identity

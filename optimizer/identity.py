@@ -80,13 +80,15 @@ def _sample_file(path: Path, sample_bytes: int) -> bytes:
 
 
 def hf_identity(target: str, commit_hash: str | None = None) -> str:
-    """``hf:`` identity: the training manifest, else a hash of the local dir, else the hub revision."""
+    """``hf:`` identity: the training manifest, else a hash of the local dir or file, else the hub revision."""
     model_dir = Path(os.path.expanduser(target))
     if model_dir.is_dir():
         manifest = read_manifest(model_dir)
         if manifest is not None:
             return format_identity(f"hf:{manifest[0]}", manifest[1])
         return format_identity(f"hf:{model_dir.name or target}", hash_model_dir(model_dir))
+    if model_dir.is_file():  # a GGUF file: its name, and its bytes sampled as a model dir's weights are
+        return format_identity(f"hf:{model_dir.name}", _sample_file(model_dir, SAMPLE_BYTES).hex()[:12])
     return format_identity(f"hf:{target}", commit_hash[:12] if commit_hash else "unknown-revision")
 
 

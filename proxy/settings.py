@@ -68,7 +68,8 @@ class Settings:
     optimizer_timeout: float = _opt(3.0, "deadline in seconds for one rewrite; past it the original is sent")
     optimizer_max_new_tokens: int = _opt(
         1024, "cap on a rewrite's tokens; each rewrite's budget is 6x its prompt (at least 128) up to this")
-    optimizer_max_batch_size: int = _opt(8, "most prompts generated together in one batch")
+    optimizer_max_batch_size: int = _opt(
+        0, "most prompts generated together in one batch; 0 = by device: 1 on CPU, 8 on a GPU (bench/README.md)")
     optimizer_max_wait_ms: float = _opt(5.0, "longest a prompt waits for its batch to fill, in ms")
     optimizer_seed: int | None = _opt(None, "seed for reproducible rewrites")
     optimizer_device: str | None = _opt(None, "torch device for hf: (default: cuda, then mps, then cpu)")
@@ -312,7 +313,7 @@ def validate(settings: Settings) -> None:
         (settings.max_connections >= 1, "max_connections", "must be at least 1"),
         (settings.keep_alive_timeout > 0, "keep_alive_timeout", "must be positive"),
         (settings.keep_alive_max_requests >= 1, "keep_alive_max_requests", "must be at least 1"),
-        (settings.optimizer_max_batch_size >= 1, "optimizer_max_batch_size", "must be at least 1"),
+        (settings.optimizer_max_batch_size >= 0, "optimizer_max_batch_size", "must be 0 (by device) or more"),
         (settings.workers >= 1, "workers", "must be at least 1"),
         (settings.optimizer_max_new_tokens >= 1, "optimizer_max_new_tokens", "must be at least 1"),
         (settings.optimizer_max_wait_ms >= 0, "optimizer_max_wait_ms", "must not be negative"),

@@ -14,7 +14,7 @@ import pytest
 
 from optimizer.base import Optimizer, OptimizerBusy, OptimizerOptions, OptimizerUnavailable
 from optimizer.budget import MIN_BUDGET_TOKENS, token_budget
-from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, model_source, prepare_loaded
+from optimizer.hf import HFOptimizer, LoadedModel, banned_word_ids, default_batch_size, model_source, prepare_loaded
 from optimizer.hf_decoding import RowMinNewTokens, SeededRowSampler, effective_top_k
 from optimizer.manifest import Manifest, write_manifest
 from optimizer.registry import build_optimizer
@@ -416,3 +416,12 @@ async def test_busy_fails_open_at_once_through_the_pipeline(tiny_model_dir: Path
     finally:
         await optimizer.close()
     assert (outcome.applied, outcome.reason, outcome.text) == (False, "busy", "Tell me about black holes.")
+
+
+async def test_batch_size_zero_means_by_device(tiny_model_dir: Path) -> None:
+    assert (default_batch_size("cpu"), default_batch_size("cuda:0"), default_batch_size("mps")) == (1, 8, 8)
+    optimizer = await ready(HFOptimizer(str(tiny_model_dir), replace(OPTIONS, max_batch_size=0)))
+    try:
+        assert optimizer._batcher is not None and optimizer._batcher.max_batch_size == 1  # measured on CPU
+    finally:
+        await optimizer.close()

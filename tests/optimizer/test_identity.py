@@ -77,3 +77,12 @@ def test_remote_identity_ignores_what_vllm_stamps_per_answer() -> None:
     first = {"id": "bpo", "root": "/m", "created": 1700000000, "permission": [{"id": "modelperm-1"}]}
     later = {"id": "bpo", "root": "/m", "created": 1700000060, "permission": [{"id": "modelperm-2"}]}
     assert remote_identity("bpo", first) == remote_identity("bpo", later)
+
+
+def test_hf_identity_of_a_gguf_file_follows_its_bytes(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    first = hf_identity(str(gguf))
+    assert first.startswith("hf:model.Q4_1.gguf@") and first == hf_identity(str(gguf))
+    gguf.write_bytes(b"GGUF" + b"\1" * 100)
+    assert hf_identity(str(gguf)) != first
