@@ -22,6 +22,7 @@ from proxy.ab import ArmAssigner
 from proxy.admin import admin_routes
 from proxy.budget import Pricing
 from proxy.clients import ClientGuard
+from proxy.dashboard import dashboard_routes
 from proxy.errors import ProxyError, error_response
 from proxy.events import build_sink
 from proxy.feedback import RecentRequests
@@ -126,7 +127,7 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
                 settle_heap()
             yield
 
-    app = Gateway(routes=[*admin_routes(settings.admin_key), *routes()], lifespan=lifespan,
+    app = Gateway(routes=[*admin_routes(settings.admin_key), *dashboard_routes(settings), *routes()], lifespan=lifespan,
                   exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error,
                                       Exception: _unexpected})
     return app

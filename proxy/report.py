@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optimizer.judge import Tally
-from proxy.report_source import EventStream, Loaded, ReportError, is_number, load_events, open_events
+from proxy.report_source import Events, ReportError, is_number, load_events, open_events
 from proxy.stats import (
     Z_95,
     Interval,
@@ -209,7 +209,7 @@ class Summary:
         return scores
 
 
-def summarize(events: EventStream | Loaded, source: str, experiment: str | None = None) -> Report:
+def summarize(events: Events, source: str, experiment: str | None = None) -> Report:
     summary = Summary(experiment)
     for event in events:
         summary.add(event)

@@ -11,19 +11,19 @@ from proxy.stats import Interval
 PIPED_WIDTH = 1000  # columns when stdout is not a terminal: wider than any table, so nothing is cut
 
 
-def _num(value: float | None, digits: int = 1) -> str:
+def number_text(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _pct(value: float | None) -> str:
+def percent_text(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _ci(interval: Interval | None, percent: bool = False, digits: int = 2) -> str:
+def ci_text(interval: Interval | None, percent: bool = False, digits: int = 2) -> str:
     if interval is None:
         return "-"
     if percent:
-        return f"[{_pct(interval.low)}, {_pct(interval.high)}]"
+        return f"[{percent_text(interval.low)}, {percent_text(interval.high)}]"
     return f"[{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
 
 
@@ -42,7 +42,7 @@ def print_tables(report: Report, console: Any = None) -> None:
         console.print(f"[yellow]note: {note}[/yellow]")
     console.print(_requests_table(report))
     console.print(_feedback_table(report))
-    console.print(_comparison_line(report))
+    console.print(comparison_line(report))
     console.print(_shadow_table(report))
 
 
@@ -56,10 +56,10 @@ def _requests_table(report: Report) -> Any:
         table.add_column(column, justify="left" if column == "not applied" else "right")
     for arm in report.arms:
         reasons = "\n".join(f"{reason} {count}" for reason, count in arm.reasons.items()) or "-"
-        table.add_row(arm.arm, str(arm.requests), str(arm.errors), _pct(arm.applied_rate), reasons,
-                      f"{_num(arm.latency_ms.p50)} / {_num(arm.latency_ms.p95)}",
-                      f"{_num(arm.overhead_ms.p50, 2)} / {_num(arm.overhead_ms.p95, 2)}",
-                      f"{arm.tokens.prompt} / {arm.tokens.completion}", _num(arm.tokens.mean_total))
+        table.add_row(arm.arm, str(arm.requests), str(arm.errors), percent_text(arm.applied_rate), reasons,
+                      f"{number_text(arm.latency_ms.p50)} / {number_text(arm.latency_ms.p95)}",
+                      f"{number_text(arm.overhead_ms.p50, 2)} / {number_text(arm.overhead_ms.p95, 2)}",
+                      f"{arm.tokens.prompt} / {arm.tokens.completion}", number_text(arm.tokens.mean_total))
     return table
 
 
@@ -72,8 +72,8 @@ def _feedback_table(report: Report) -> Any:
         table.add_column(column, justify="right")
     for arm in report.arms:
         if arm.feedback.count:
-            table.add_row(arm.arm, str(arm.feedback.count), _num(arm.feedback.mean, 3),
-                          _ci(arm.feedback.interval, digits=3))
+            table.add_row(arm.arm, str(arm.feedback.count), number_text(arm.feedback.mean, 3),
+                          ci_text(arm.feedback.interval, digits=3))
     return table
 
 
@@ -82,13 +82,13 @@ def _add_arm_column(table: Any) -> None:
     table.add_column("arm", justify="left", overflow="fold")
 
 
-def _comparison_line(report: Report) -> str:
+def comparison_line(report: Report) -> str:
     test = report.comparison
     if test is None:
         return "treatment vs control: not enough feedback in both arms to compare"
     df = "" if test.df is None else f", df {test.df:.1f}"
     verdict = "significant at 5%" if test.p_value < 0.05 else "not significant at 5%"
-    return (f"treatment - control = {test.difference:+.3f} {_ci(test.interval, digits=3)} "
+    return (f"treatment - control = {test.difference:+.3f} {ci_text(test.interval, digits=3)} "
             f"({test.test}: statistic {test.statistic:.3f}{df}, p = {test.p_value:.4f}; {verdict})")
 
 
@@ -100,9 +100,9 @@ def _shadow_table(report: Report) -> Any:
     for column in ("verdict", "count", "rate", "95% CI"):
         table.add_column(column, justify="left" if column == "verdict" else "right")
     for verdict in VERDICTS:
-        table.add_row(verdict, str(shadow.counts[verdict]), _pct(shadow.rates[verdict]),
-                      _ci(shadow.intervals[verdict], percent=True))
-    table.add_row("win - loss", "", _pct(shadow.net_win_rate), _ci(shadow.net_interval, percent=True))
+        table.add_row(verdict, str(shadow.counts[verdict]), percent_text(shadow.rates[verdict]),
+                      ci_text(shadow.intervals[verdict], percent=True))
+    table.add_row("win - loss", "", percent_text(shadow.net_win_rate), ci_text(shadow.net_interval, percent=True))
     return table
 
 
