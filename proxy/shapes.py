@@ -33,9 +33,12 @@ def _openai_error(exc: ProxyError) -> Response:
 
 
 def anthropic_error(exc: ProxyError) -> Response:
-    """``{"type": "error", "error": {"type", "message"}}``, as Anthropic's API and SDK expect."""
-    kind = _ANTHROPIC_ERROR_TYPES.get(exc.status, "api_error")
-    body = orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}})
+    """``{"type": "error", "error": {"type", "message"}}``, as Anthropic's API and SDK expect; the gateway's own
+    ``code`` rides along when it has one (``budget_exceeded`` and ``rate_limit_exceeded`` share a type)."""
+    error = {"type": _ANTHROPIC_ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}
+    if exc.code:
+        error["code"] = exc.code
+    body = orjson.dumps({"type": "error", "error": error})
     return Response(body, status_code=exc.status, media_type="application/json", headers=exc.headers)
 
 

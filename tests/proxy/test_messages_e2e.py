@@ -184,7 +184,8 @@ def test_client_auth_refuses_in_anthropics_shape(upstream: FakeUpstream, start_p
     with pytest.raises(anthropic.AuthenticationError) as refused:
         client.messages.create(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert refused.value.body == {"type": "error", "error": {
-        "type": "authentication_error", "message": "The client key is not valid (unknown or revoked)."}}
+        "type": "authentication_error", "message": "The client key is not valid (unknown or revoked).",
+        "code": "invalid_api_key"}}
     assert upstream.requests_to("/v1/messages") == []
 
 
