@@ -55,7 +55,8 @@ async def send(url: str, requests: int, concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def instructions(command: list[str], port: int, health: str, requests: int, concurrency: int) -> int:
+def instructions(command: list[str], port: int, health: str, requests: int, concurrency: int,
+                 start_timeout: float = 180) -> int:
     """Instructions the server ran from start to exit, having served the warm-up and ``requests``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     # The server's log (access lines included) goes to a file: a pipe nobody reads until exit would fill
@@ -64,7 +65,7 @@ def instructions(command: list[str], port: int, health: str, requests: int, conc
         server = subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
                                   env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
         try:
-            wait_healthy(f"http://127.0.0.1:{port}{health}", timeout=180)
+            wait_healthy(f"http://127.0.0.1:{port}{health}", timeout=start_timeout)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             asyncio.run(send(url, WARMUP, concurrency))
             asyncio.run(send(url, requests, concurrency))
@@ -85,6 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1600, help="requests measured (beyond a 200-request run)")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--skip-cache-hit", action="store_true", help="do not count the cache-hit gateway")
+    parser.add_argument("--start-timeout", type=float, default=180,
+                        help="seconds a server may take to start under valgrind (more on a loaded machine)")
     parser.add_argument("--servers", default="",
                         help="also count the gateway (optimizer off) on these HTTP servers, comma-separated: "
                              "uvicorn-httptools, uvicorn-h11 (bench/servers.py)")
@@ -101,6 +105,8 @@ def main() -> None:
         "bpo-proxy, cache hit": ([python, "-m", "proxy", "serve", "--upstream-base-url", upstream,
                                   "--optimizer", f"remote:{upstream}", "--port"], "/readyz"),
     }
+    if args.skip_cache_hit:
+        del targets["bpo-proxy, cache hit"]
     for server in filter(None, args.servers.split(",")):
         targets[f"bpo-proxy, off, on {server}"] = (
             [python, servers, "gateway", "--server", server, "--upstream", upstream, "--port"], "/readyz")
@@ -115,7 +121,8 @@ def main() -> None:
             counts = []
             for requests in (200, args.requests + 200):
                 port = free_port()
-                counts.append(instructions([*command, str(port)], port, health, requests, args.concurrency))
+                counts.append(instructions([*command, str(port)], port, health, requests, args.concurrency,
+                                           args.start_timeout))
             per_request[name] = (counts[1] - counts[0]) / args.requests
             print(f"  {name:<28}{per_request[name]:12,.0f}", flush=True)
     finally:

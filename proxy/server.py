@@ -123,7 +123,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._read_size = 0  # size of the read being parsed
         self._deadline: TimerHandle | None = None
         self._refused = False
-        self._requests = 0
+        self._requests_left = limits.keep_alive_max_requests
+        self._max_header_bytes = limits.max_header_bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -171,7 +172,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._phase == _HEADERS:
             if counted:
                 self._header_bytes += len(data)
-            if self._header_bytes > self.limits.max_header_bytes:
+            if self._header_bytes > self._max_header_bytes:
                 self._refuse(self.replies.headers_too_large)
             elif self._deadline is None:
                 self._deadline = self.loop.call_later(self.limits.header_timeout, self._header_timed_out)
@@ -182,31 +183,33 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.logger.warning("Invalid HTTP request received.")
         self._refuse(self.replies.bad_request)
 
-    # Parser callbacks
+    # Parser callbacks: they run on every request, so they stay lean (explicit base calls, no helper calls).
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        HttpToolsProtocol.on_message_begin(self)
         self._phase = _HEADERS
         self._header_bytes = 0
 
     def on_headers_complete(self) -> None:
-        self._cancel_deadline()
+        if self._deadline is not None:
+            self._cancel_deadline()
         self._phase = _BODY
         # Reads that ended inside the headers were counted; the last one only when it may cross the bound.
-        if self._header_bytes + self._read_size > self.limits.max_header_bytes and self._parsed_header_bytes() > (
-                self.limits.max_header_bytes):
+        if self._header_bytes + self._read_size > self._max_header_bytes and (
+                self._parsed_header_bytes() > self._max_header_bytes):
             self._refuse(self.replies.headers_too_large)
             raise _Refused
         previous = self.cycle
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)
         if self.cycle is not previous:  # a request to serve (not an upgrade)
-            self._requests += 1
-            if self._requests == self.limits.keep_alive_max_requests:
+            self._requests_left -= 1
+            if self._requests_left == 0:
                 self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
-        self._cancel_deadline()
+        if self._deadline is not None:
+            self._cancel_deadline()
         self._phase = _IDLE
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
 
     def _parsed_header_bytes(self) -> int:
         """The request line and header lines as sent, less whitespace the parser dropped."""
