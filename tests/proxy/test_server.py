@@ -25,8 +25,9 @@ def serve(upstream: FakeUpstream, *flags: str) -> ProxyProcess:
 
 @pytest.fixture(scope="module")
 def gateway(upstream_server: FakeUpstream) -> Iterator[ProxyProcess]:
-    proxy = serve(upstream_server, "--max-header-bytes", "8192", "--header-timeout", "1", "--body-timeout", "1",
-                  "--keep-alive-timeout", "1", "--keep-alive-max-requests", "3")
+    # 2 s, not less: a client on a loaded machine may take a while between connecting and sending.
+    proxy = serve(upstream_server, "--max-header-bytes", "8192", "--header-timeout", "2", "--body-timeout", "2",
+                  "--keep-alive-timeout", "2", "--keep-alive-max-requests", "3")
     yield proxy
     proxy.stop()
 
@@ -82,7 +83,7 @@ def test_an_endless_header_is_refused_with_431_and_healthz_keeps_answering(gatew
     status, error = error_of(reply)
     assert status == 431 and error["code"] == "request_header_fields_too_large"
     assert time.monotonic() - started < PATIENCE - 5  # refused: not waiting for the header's end
-    assert max(health) < 5.0
+    assert max(health) < 10.0
 
 
 def test_a_complete_request_with_oversized_headers_gets_431(gateway: ProxyProcess) -> None:
@@ -133,14 +134,17 @@ def test_a_body_that_never_completes_is_cut_after_the_body_timeout(gateway: Prox
     assert time.monotonic() - started < PATIENCE - 5
     status, error = error_of(reply)
     assert status == 408 and "body" in error["message"]
-    assert healthz_seconds(gateway) < 5.0
+    assert healthz_seconds(gateway) < 10.0
 
 
 def test_keep_alive_connections_serve_a_bounded_number_of_requests(gateway: ProxyProcess) -> None:
-    with httpx.Client(base_url=gateway.url, timeout=PATIENCE) as client:
-        replies = [client.get("/healthz") for _ in range(3)]
-    assert [r.status_code for r in replies] == [200, 200, 200]
-    assert [r.headers.get("connection") for r in replies] == [None, None, "close"]
+    sock = connect(gateway)
+    # Pipelined, so no idle gap lets the keep-alive timeout end the connection first on a slow machine.
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" * 4)
+    replies = read_until_closed(sock).split(b"HTTP/1.1 ")[1:]
+    sock.close()
+    assert [reply[:3] for reply in replies] == [b"200", b"200", b"200"]  # the fourth is never answered
+    assert [b"connection: close" in reply for reply in replies] == [False, False, True]
 
 
 def test_an_idle_keep_alive_connection_is_closed(gateway: ProxyProcess) -> None:
