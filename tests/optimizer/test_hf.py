@@ -225,7 +225,8 @@ async def test_cancelled_request_stops_generating(tiny_model_dir: Path) -> None:
     optimizer = await ready(HFOptimizer(str(tiny_model_dir), options, loader=loader_for(model_class)))
     try:
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(optimizer.optimize("a long one", "stable"), 0.3)
+            # Long enough that its own budget is the whole 900 (6x its tokens): only cancellation can end it early.
+            await asyncio.wait_for(optimizer.optimize(" ".join(["a long one"] * 60), "stable"), 0.3)
         for _ in range(1000):
             if model_class.calls:
                 break
