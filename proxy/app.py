@@ -36,6 +36,7 @@ from proxy.serving import RewriteService
 from proxy.settings import Settings
 from proxy.shadow import ForwardingControlClient, ShadowJudge
 from proxy.shapes import SHAPES
+from proxy.tracing import Tracing, build_tracing
 from proxy.upstream_calls import UpstreamCalls
 
 log = logging.getLogger("bpo.app")
@@ -109,10 +110,16 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
         state.shadow = ShadowJudge(settings, metrics, state.events,
                                    ForwardingControlClient(settings, state.http, providers))
         state.access_log = AccessLog() if settings.access_log and settings.log_level in ("debug", "info") else None
+        tracing = build_tracing(settings.otel_endpoint, settings.events_include_text,
+                                lambda: metrics.fail_open.labels(component="tracing").inc())
+        state.tracing = app.tracing = tracing
         state.rewriting = RewriteService(settings, pipeline, UpstreamCalls(settings, state.http, providers),
                                          ArmAssigner(settings), metrics, state.events, state.recent_requests,
                                          state.shadow, state.access_log)
+        state.rewriting.tracing = state.rewriting.upstream.tracing = tracing
         async with contextlib.AsyncExitStack() as services:
+            if tracing is not None:  # closed last: it flushes the spans of the last requests
+                services.push_async_callback(tracing.close)
             # Started in order, closed in reverse: the shadow judge's verdicts still reach the events sink.
             for service in (state.key_store, state.clients, state.http, state.cache, state.events, state.shadow,
                             state.optimizer, state.access_log):
@@ -147,15 +154,24 @@ class Gateway(Starlette):
     methods on these paths included, goes through Starlette as before.
 
     Cross-cutting checks attach here, ahead of both paths, so no route can skip them: client auth, rate
-    limits and budgets (``ClientGuard.check``) on every ``/v1/*`` request.
+    limits and budgets (``ClientGuard.check``) on every ``/v1/*`` request, and the request's trace span.
     """
 
     clients: ClientGuard | None = None  # set by the lifespan
+    tracing: Tracing | None = None  # set by the lifespan when an OTLP endpoint is configured
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await super().__call__(scope, receive, _brief_startup_failure(send))
             return
+        tracing = self.tracing
+        if tracing is not None and scope["type"] == "http":  # one trace per request, over both paths
+            with tracing.request_span(scope):
+                await self._dispatch(scope, receive, send)
+            return
+        await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         clients = self.clients
         if (clients is not None and clients.active and scope["type"] == "http"
                 and _api_path(scope).startswith("/v1/")):

@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -39,6 +39,7 @@ from proxy.settings import Settings
 from proxy.shadow import ShadowJudge
 from proxy.shapes import Shape
 from proxy.skip import Candidate, SkipPolicy
+from proxy.tracing import Tracing, annotate
 from proxy.upstream_calls import UpstreamCalls
 
 log = logging.getLogger("bpo.serving")
@@ -81,6 +82,7 @@ class RewriteService:
         self.access_log = access_log
         self.skip = SkipPolicy(settings)
         self.replay_history = settings.rewrite_history == "on"
+        self.tracing: Tracing | None = None  # set by the app when traces are exported
 
     async def handle(self, shape: Shape, scope: Scope, receive: Receive) -> Response:
         arrived = time.perf_counter()
@@ -113,7 +115,8 @@ class RewriteService:
         if client is not None:
             ctx.meter = await self._admit(client, ctx)
         try:
-            ctx.rewritten = await watch.guard(OPTIMIZER, self._rewrite(ctx))
+            rewrite = self._rewrite(ctx) if self.tracing is None else self._traced_rewrite(ctx, self.tracing)
+            ctx.rewritten = await watch.guard(OPTIMIZER, rewrite)
         except ClientGone:
             if ctx.meter is not None:
                 ctx.meter.settle(499, None)  # nothing was sent: nothing spent, the reservation released
@@ -128,7 +131,10 @@ class RewriteService:
         # Overhead so far; the relay adds nothing but byte copies after the upstream's headers arrive.
         extra = self._bpo_headers(ctx)
         try:
-            response = await watch.guard(UPSTREAM, self.upstream.send(ctx, extra, lambda done: self._finish(ctx)))
+            call = self.upstream.send(ctx, extra, lambda done: self._finish(ctx))
+            if self.tracing is not None:
+                call = self._traced_call(ctx, self.tracing, call)
+            response = await watch.guard(UPSTREAM, call)
         except ProxyError as exc:  # the upstream failed: still this route's answer, headed and counted
             ctx.exchange.status, ctx.exchange.error = exc.status, exc.message
             self._finish(ctx)
@@ -142,6 +148,31 @@ class RewriteService:
         if strip_usage and isinstance(response, StreamingResponse):
             response.body_iterator = without_usage_chunk(response.body_iterator)
         return self._maybe_shadow(response, ctx)
+
+    async def _traced_rewrite(self, ctx: RequestContext, tracing: Tracing) -> Rewritten:
+        """The rewrite as a span: its cache outcome, the optimizer, the guard's verdict; text only if allowed."""
+        with tracing.span("bpo.rewrite", {"gen_ai.request.model": ctx.request.model, "bpo.arm": ctx.decision.arm,
+                                          "bpo.mode": ctx.decision.mode}) as span:
+            rewritten = await self._rewrite(ctx)
+            annotate(span, {"bpo.applied": rewritten.applied, "bpo.reason": rewritten.reason,
+                            "bpo.cache": rewritten.cache, "bpo.optimizer": rewritten.optimizer,
+                            "bpo.guard.verdict": "accepted" if rewritten.applied else rewritten.guard_rule})
+            if tracing.include_text and rewritten.optimized_text is not None:
+                annotate(span, {"bpo.optimized_prompt": rewritten.optimized_text})
+            return rewritten
+
+    async def _traced_call(self, ctx: RequestContext, tracing: Tracing, call: Awaitable[Response]) -> Response:
+        """The upstream call as a CLIENT span (``traceparent`` goes out in its context); usage when known."""
+        with tracing.span(f"chat {ctx.target.model}", {"gen_ai.operation.name": "chat",
+                                                       "gen_ai.request.model": ctx.target.model,
+                                                       "gen_ai.system": ctx.target.kind}, client=True) as span:
+            response = await call
+            usage = ctx.exchange.usage or {}
+            annotate(span, {"http.response.status_code": ctx.exchange.status,
+                            "gen_ai.usage.input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
+                            "gen_ai.usage.output_tokens": usage.get("completion_tokens",
+                                                                    usage.get("output_tokens"))})
+            return response
 
     async def _admit(self, client: ClientContext, ctx: RequestContext) -> Meter:
         """The key's limits and budget, for this request's worst case: the body as sent, plus the longest

@@ -117,6 +117,8 @@ class Settings:
     shadow_rate: float = _opt(0.05, "fraction of treatment requests judged in the shadow")
     shadow_max_per_minute: int = _opt(60, "most shadow judgements started per minute")
     admin_key: str | None = _opt(None, "bearer key for /admin/* (admin endpoints are off without it)")
+    otel_endpoint: str | None = _opt(None, "OTLP/HTTP endpoint for OpenTelemetry traces (default: "
+                                           "$OTEL_EXPORTER_OTLP_ENDPOINT; off when unset; needs the [otel] extra)")
     workers: int = _opt(1, "worker processes; each is a whole gateway, so share --cache redis:// and use a "
                            "remote: optimizer with several (metrics are merged across them)")
     log_level: str = _opt("info", "log level: debug | info | warning | error", choices=LOG_LEVELS)
@@ -212,6 +214,8 @@ def load_settings(
     config_path = flags.get("config") or env_values.get("config")
     values: dict[str, Any] = _read_config(Path(config_path), environ) if config_path else {}
     values.update(env_values)
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") and environ.get("OTEL_SDK_DISABLED", "").lower() != "true":
+        values.setdefault("otel_endpoint", environ["OTEL_EXPORTER_OTLP_ENDPOINT"])  # the standard variable
     values.update({n: _coerce(n, v, flag_name(n)) for n, v in flags.items()})
     settings = Settings(**values)
     validate(settings)

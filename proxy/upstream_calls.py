@@ -26,6 +26,7 @@ from proxy.forward import (
 )
 from proxy.litellm_forward import LiteLLMForwarder
 from proxy.settings import Settings
+from proxy.tracing import Tracing
 
 MAX_REMEMBERED_TARGETS = 1024  # model names are client input: the memo stays bounded
 AZURE_RESPONSES_API_VERSION = "2025-04-01-preview"
@@ -58,6 +59,7 @@ class UpstreamCalls:
         self.http = http
         self.providers = providers
         self._targets: dict[tuple[str, str], Target] = {}
+        self.tracing: Tracing | None = None  # set by the app when traces are exported
 
     def target(self, route: str, model: str) -> Target:
         """``resolve_target`` (or ``messages_target``), remembered: the settings never change while serving."""
@@ -86,6 +88,8 @@ class UpstreamCalls:
             headers.pop("authorization", None)
             headers["x-api-key"] = target.api_key
         headers["content-type"] = "application/json"
+        if self.tracing is not None:
+            self.tracing.inject(headers)  # W3C traceparent: the upstream's spans join this trace
         return await self.http.forward("POST", url, headers, self._payload(ctx, target), ctx.exchange, extra,
                                        finish, params, stream=request.stream)
 
