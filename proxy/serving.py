@@ -26,7 +26,7 @@ from proxy.ab import ArmAssigner
 from proxy.budget import wants_usage, with_usage_requested, without_usage_chunk
 from proxy.clients import CLIENT, ClientContext, Meter
 from proxy.context import RequestContext, Rewritten
-from proxy.disconnect import OPTIMIZER, UPSTREAM, ClientGone, ClientWatch
+from proxy.disconnect import OPTIMIZER, UPSTREAM, ClientGone, ClientWatch, DisconnectWatcher
 from proxy.errors import ProxyError
 from proxy.events import EventSink
 from proxy.feedback import RecentRequests
@@ -76,6 +76,7 @@ class RewriteService:
         self.upstream = upstream
         self.assigner = assigner
         self.metrics = metrics
+        self.disconnects = DisconnectWatcher()
         self.events = events
         self.recent = recent
         self.shadow = shadow
@@ -89,7 +90,7 @@ class RewriteService:
         # One pass over the raw headers; starlette's Headers scans the whole list on every lookup.
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = request_id_for(headers)
-        watch = ClientWatch(receive)
+        watch = self.disconnects.watch(receive)
         try:
             return await self._serve(shape, receive, headers, request_id, arrived, scope.get(CLIENT), watch)
         except ProxyError as exc:
