@@ -4,19 +4,24 @@ fails here rather than skipping)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import time
+import uuid
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+import redis
 
-from proxy.dashboard import COOKIE, session_token
+from proxy.dashboard import COOKIE, read_view, session_token
 from proxy.dashboard_render import word_diff
+from proxy.events import STREAM_FIELD
 from proxy.report import load_events, summarize
 from tests.fakes.proxy_server import RunningProxy
 
@@ -139,3 +144,33 @@ def test_the_word_diff_marks_changed_words_and_escapes_them() -> None:
     assert before == "Write a poem &lt;b&gt;"
     assert after == "Write a <ins>short</ins> poem &lt;b&gt; <ins>please</ins>"
     assert word_diff("drop <i>this</i> word", "drop word")[0] == "drop <del>&lt;i&gt;this&lt;/i&gt;</del> word"
+
+
+def test_a_redis_stream_read_over_a_window_with_filters() -> None:
+    """Every replica reading one stream sees one picture; events older than the window are left out."""
+    stream = f"bpo-dashboard-test-{uuid.uuid4().hex}"
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    now = 1_800_000_000.0
+
+    def request(arm: str, when: float, prompt: str) -> dict[str, Any]:
+        return {"type": "request", "request_id": uuid.uuid4().hex, "time": when, "arm": arm, "status": 200,
+                "applied": arm == "treatment", "reason": None if arm == "treatment" else "control-arm",
+                "model": "m", "cache": "miss", "prompt": prompt, "optimized_prompt": prompt + " more"}
+
+    events = [request("treatment", now - 60, "new t"), request("control", now - 30, "new c"),
+              request("treatment", now - 7200, "old t")]
+    try:
+        for event in events:
+            client.xadd(stream, {STREAM_FIELD: json.dumps(event).encode()})
+        spec = f"redis://127.0.0.1:6379/0?stream={stream}"
+        view = read_view(spec, "1h", {"arm": "treatment"}, include_text=True, now=now)
+        assert view.report is not None and view.recent is not None
+        assert {a.arm: a.requests for a in view.report.arms} == {"treatment": 1, "control": 1}
+        assert [e["prompt"] for e in view.recent.rewrites] == ["new t"]
+        assert view.recent.choices["arm"] == {"treatment", "control"}
+        everything = read_view(spec, "all", {}, include_text=True, now=now)
+        assert everything.report is not None and sum(a.requests for a in everything.report.arms) == 3
+    finally:
+        client.delete(stream)
+        client.close()
+    assert read_view("jsonl:/nonexistent/events.jsonl", "1h", {}, True).error is not None
