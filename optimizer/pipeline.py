@@ -8,24 +8,25 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Literal
 
 from optimizer.base import Mode, Optimizer, OptimizerBusy, OptimizerError, OptimizerUnavailable
 from optimizer.cache import CachedRewrite, RewriteCache, cache_key
 from optimizer.guard import check_rewrite
+from optimizer.reasons import (
+    BUSY,
+    GUARD_REJECTED,
+    OPTIMIZER_ERROR,
+    OPTIMIZER_UNAVAILABLE,
+    TIMEOUT,
+    TOO_LONG,
+    TRUNCATED,
+    UNCHANGED,
+)
 
 log = logging.getLogger("bpo.optimizer")
 
 CacheResult = Literal["hit", "miss", "off"]
-# Values of X-BPO-Reason this module decides (the proxy adds disabled, control-arm, not-user-turn).
-TOO_LONG, TIMEOUT, OPTIMIZER_ERROR, OPTIMIZER_UNAVAILABLE = (
-    "too-long", "timeout", "optimizer-error", "optimizer-unavailable")
-GUARD_REJECTED: Final = "guard-rejected"
-UNCHANGED: Final = "unchanged"
-# The rewrite stopped on its token budget, not by itself: its end (often the question) may be missing.
-TRUNCATED: Final = "truncated"
-# The optimizer's queue could not have finished within the deadline: sent on at once, not after it.
-BUSY: Final = "busy"
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON readers pair valid escapes: what is left is lone
 
 

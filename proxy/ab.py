@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from optimizer.base import MODES, Mode
+from optimizer.reasons import CONTROL_ARM, DISABLED
 from proxy.errors import InvalidRequest
 from proxy.settings import Settings
 
 Arm = Literal["treatment", "control"]
-NotOptimizedReason = Literal["disabled", "control-arm"]
+NotOptimizedReason = Literal["disabled", "control-arm"]  # optimizer.reasons.DISABLED, CONTROL_ARM
 
 OVERRIDE_HEADER = "x-bpo"
 USER_HEADER = "x-bpo-user"
@@ -95,7 +96,7 @@ class ArmAssigner:
         # Without a split every request gets one of two decisions: built once, not per request.
         self._unsplit_decision = (
             ArmDecision(None, True, self.default_mode, override=False, reason=None) if self.optimize_by_default
-            else ArmDecision(None, False, self.default_mode, override=False, reason="disabled"))
+            else ArmDecision(None, False, self.default_mode, override=False, reason=DISABLED))
 
     @property
     def split_configured(self) -> bool:
@@ -118,11 +119,11 @@ class ArmAssigner:
         arm = arm_for(self.salt, sticky_key(body, headers, api_key), self.percent)
         if arm == "treatment":
             return ArmDecision("treatment", True, self.default_mode, override=False, reason=None)
-        return ArmDecision("control", False, self.default_mode, override=False, reason="control-arm")
+        return ArmDecision("control", False, self.default_mode, override=False, reason=CONTROL_ARM)
 
     def _overridden(self, override: str) -> ArmDecision:
         optimize = override != "off"
         mode: Mode = override if override in MODES else self.default_mode  # type: ignore[assignment]
         # With a split configured the response still names an arm: the one whose behaviour it got.
         arm: Arm | None = None if self.percent is None else ("treatment" if optimize else "control")
-        return ArmDecision(arm, optimize, mode, override=True, reason=None if optimize else "disabled")
+        return ArmDecision(arm, optimize, mode, override=True, reason=None if optimize else DISABLED)

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope
 
 from optimizer.cache import tenant_of
 from optimizer.pipeline import Outcome, RewritePipeline
+from optimizer.reasons import DISABLED, NOT_USER_TURN
 from proxy.ab import ArmAssigner
 from proxy.budget import wants_usage, with_usage_requested, without_usage_chunk
 from proxy.clients import CLIENT, ClientContext, Meter
@@ -44,7 +45,6 @@ from proxy.upstream_calls import UpstreamCalls
 
 log = logging.getLogger("bpo.serving")
 
-NOT_USER_TURN = "not-user-turn"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -201,7 +201,7 @@ class RewriteService:
         if not ctx.decision.optimize:
             return Rewritten(None, False, ctx.decision.reason, "off", optimizer, None)
         if self.pipeline.optimizer.status().state == "disabled":  # --optimizer none
-            return Rewritten(None, False, "disabled", "off", optimizer, None)
+            return Rewritten(None, False, DISABLED, "off", optimizer, None)
         tenant = tenant_of(ctx.api_key) if self.settings.cache_per_tenant and ctx.api_key else ""
         body = ctx.request.body
         rewrites = await self._replayed_history(ctx, tenant) if self.replay_history else []

@@ -15,7 +15,8 @@ from optimizer.cache import NullCache
 from optimizer.guard import check_rewrite
 from optimizer.junk import check_template_echo
 from optimizer.manifest import read_manifest
-from optimizer.pipeline import GUARD_REJECTED, Outcome, RewritePipeline
+from optimizer.pipeline import Outcome, RewritePipeline
+from optimizer.reasons import GUARD_REJECTED
 from optimizer.registry import build_optimizer
 from tests.fakes.tiny_model import fixture_pairs
 from training.cli import main
