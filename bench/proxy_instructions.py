@@ -39,10 +39,10 @@ from tests.fakes.upstream import free_port  # noqa: E402
 WARMUP = 300
 
 
-async def send(url: str, requests: int, concurrency: int) -> None:
+async def send(url: str, requests: int, concurrency: int, key: str = "sk-bench") -> None:
     """Exactly ``requests`` POSTs over ``concurrency`` keep-alive connections; every answer must be a 200."""
     left = requests
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         async def worker() -> None:
             nonlocal left
@@ -56,7 +56,7 @@ async def send(url: str, requests: int, concurrency: int) -> None:
 
 
 def instructions(command: list[str], port: int, health: str, requests: int, concurrency: int,
-                 start_timeout: float = 180) -> int:
+                 start_timeout: float = 180, key: str = "sk-bench") -> int:
     """Instructions the server ran from start to exit, having served the warm-up and ``requests``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     # The server's log (access lines included) goes to a file: a pipe nobody reads until exit would fill
@@ -67,8 +67,8 @@ def instructions(command: list[str], port: int, health: str, requests: int, conc
         try:
             wait_healthy(f"http://127.0.0.1:{port}{health}", timeout=start_timeout)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            asyncio.run(send(url, WARMUP, concurrency))
-            asyncio.run(send(url, requests, concurrency))
+            asyncio.run(send(url, WARMUP, concurrency, key))
+            asyncio.run(send(url, requests, concurrency, key))
             server.send_signal(signal.SIGINT)
             server.wait(timeout=180)
         finally:

@@ -22,7 +22,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -68,6 +68,7 @@ class Settlement:
     reservation: str | None
     cost: float
     tokens_delta: int  # actual tokens minus the tokens charged at admission (tpm correction)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # a retried write applies it once (Redis)
 
 
 class KeyStore(Protocol):

@@ -99,19 +99,24 @@ redis.call('HSET', KEYS[2], 'period_start', fmt(pstart), 'period_spend', fmt(psp
 return {1, '', 0}
 """
 
-# KEYS: usage, reservations. ARGV: tpm, period seconds, then (reservation id or '', cost, tokens delta)...
+# KEYS: usage, reservations, settled ids. ARGV: tpm, period seconds, then (settlement id, reservation id or '',
+# cost, tokens delta)... A settlement already applied (a retry after a timeout whose first try landed) is
+# skipped: its id stays in the settled set for a day.
 SETTLE = _CLOCK + """
 local tpm, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 86400)
 local u = redis.call('HMGET', KEYS[1], 'spend', 'period_spend', 'period_start', 'tpm_level', 'tpm_at')
 local spend, pstart, pspend = num(u[1]), num(u[3]), num(u[2])
 pstart, pspend = roll(pstart, pspend, period)
 local tl = num(u[4])
 if tpm > 0 then tl = drained(tl, num(u[5]), tpm) end
-for i = 3, #ARGV, 3 do
-  if ARGV[i] ~= '' then redis.call('HDEL', KEYS[2], ARGV[i]) end
-  spend = spend + tonumber(ARGV[i + 1])
-  pspend = pspend + tonumber(ARGV[i + 1])
-  tl = math.max(0, tl + tonumber(ARGV[i + 2]))
+for i = 3, #ARGV, 4 do
+  if redis.call('ZADD', KEYS[3], 'NX', now, ARGV[i]) == 1 then
+    if ARGV[i + 1] ~= '' then redis.call('HDEL', KEYS[2], ARGV[i + 1]) end
+    spend = spend + tonumber(ARGV[i + 2])
+    pspend = pspend + tonumber(ARGV[i + 2])
+    tl = math.max(0, tl + tonumber(ARGV[i + 3]))
+  end
 end
 redis.call('HSET', KEYS[1], 'spend', fmt(spend), 'period_spend', fmt(pspend), 'period_start', fmt(pstart),
            'tpm_level', fmt(tl), 'tpm_at', fmt(now))
@@ -240,8 +245,9 @@ class RedisKeyStore:
     async def settle(self, key: ClientKey, settlements: Sequence[Settlement]) -> None:
         args: list[Any] = [key.tpm or 0, key.period_seconds]
         for item in settlements:
-            args += [item.reservation or "", repr(item.cost), item.tokens_delta]
-        await self._call(self._settle(keys=[self._key(key.id, "usage"), self._key(key.id, "resv")], args=args))
+            args += [item.id, item.reservation or "", repr(item.cost), item.tokens_delta]
+        keys = [self._key(key.id, "usage"), self._key(key.id, "resv"), self._key(key.id, "settled")]
+        await self._call(self._settle(keys=keys, args=args))
 
 
 def _text(value: Any) -> str:

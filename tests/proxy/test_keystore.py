@@ -227,3 +227,16 @@ async def test_a_store_error_never_shows_the_redis_password() -> None:
     with pytest.raises(KeyStoreError) as caught:
         count_keys_now("redis://:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in str(caught.value)
+
+
+async def test_a_settlement_written_twice_counts_once_on_redis(open_store: OpenStore) -> None:
+    """A retry after a timeout whose first write landed must not double the spend (SQLite rolls back instead)."""
+    store = await started(open_store())
+    key = make_key(max_budget_usd=5.0)
+    await store.put(key)
+    settlement = Settlement(None, 0.4, 0)
+    await store.settle(key, [settlement])
+    if not isinstance(store, SqliteKeyStore):
+        await store.settle(key, [settlement])
+    [record] = await store.list_keys()
+    assert record.spend_usd == pytest.approx(0.4)
