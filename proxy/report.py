@@ -150,8 +150,9 @@ class _ArmTally:
 class Summary:
     """Folds a stream of events into a :class:`Report`, holding only what the statistics need."""
 
-    def __init__(self, experiment: str | None = None) -> None:
+    def __init__(self, experiment: str | None = None, key_name: str | None = None) -> None:
         self.experiment = experiment
+        self.key_name = key_name  # only this client key's requests (events carry the key's name)
         self.experiments: set[str] = set()
         self.arms: dict[str, _ArmTally] = {}
         self.arm_of: dict[str, str] = {}
@@ -164,13 +165,16 @@ class Summary:
             self._add_request(event)
         elif kind == "feedback":
             self._add_feedback(event)
-        elif self.experiment is None or event.get("experiment") == self.experiment:
+        elif ((self.experiment is None or event.get("experiment") == self.experiment)
+              and (self.key_name is None or event.get("request_id") in self.arm_of)):
             self.verdicts[str(event.get("verdict"))] += 1
 
     def _add_request(self, event: dict[str, Any]) -> None:
         if event.get("experiment") is not None:
             self.experiments.add(str(event["experiment"]))
         if self.experiment is not None and event.get("experiment") != self.experiment:
+            return
+        if self.key_name is not None and event.get("key_name") != self.key_name:
             return
         arm = sys.intern(arm_label(event))
         self.arm_of[event["request_id"]] = arm
@@ -201,16 +205,16 @@ class Summary:
         scores: dict[str, list[float]] = {}
         for request_id, (_, score, known) in self.feedback.items():
             arm = self.arm_of.get(request_id)
-            if arm is None and self.experiment is not None:
-                continue  # cannot tell which experiment it belongs to
+            if arm is None and (self.experiment is not None or self.key_name is not None):
+                continue  # cannot tell which experiment (or key) it belongs to
             if arm is None:  # the request event lives elsewhere; trust the arm the receiving replica knew
                 arm = known if isinstance(known, str) else "unknown"
             scores.setdefault(arm, []).append(score)
         return scores
 
 
-def summarize(events: Events, source: str, experiment: str | None = None) -> Report:
-    summary = Summary(experiment)
+def summarize(events: Events, source: str, experiment: str | None = None, key_name: str | None = None) -> Report:
+    summary = Summary(experiment, key_name)
     for event in events:
         summary.add(event)
     return summary.report(source, events.malformed)
@@ -295,12 +299,13 @@ def register(subparsers: Any) -> None:
     report.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     report.add_argument("--plot", metavar="OUT.png", help="also draw the per-arm comparison to this image")
     report.add_argument("--experiment", metavar="NAME", help="only this experiment's events")
+    report.add_argument("--key", metavar="NAME", help="only the requests (and their feedback) of this client key")
     report.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        report = summarize(open_events(args.events), args.events, args.experiment)
+        report = summarize(open_events(args.events), args.events, args.experiment, args.key)
     except ReportError as exc:
         print(f"bpo ab report: {exc}", file=sys.stderr)
         return 2

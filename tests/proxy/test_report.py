@@ -198,3 +198,21 @@ def test_a_reader_that_leaves_early_ends_the_report_quietly(tmp_path: Path) -> N
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 141
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+
+
+def test_the_report_splits_by_client_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    lines = []
+    for index, (key, arm_name) in enumerate([("team-a", "treatment"), ("team-a", "control"),
+                                             ("team-b", "treatment"), ("team-b", "treatment")]):
+        lines.append({"type": "request", "request_id": f"r{index}", "time": 1.0, "experiment": "e", "arm": arm_name,
+                      "override": False, "applied": arm_name == "treatment", "status": 200, "latency_ms": 10,
+                      "overhead_ms": 1, "key_name": key})
+        lines.append({"type": "feedback", "request_id": f"r{index}", "time": 2.0, "score": 1, "arm": arm_name})
+    events.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    team_b = report_json(capsys, "--events", str(events), "--key", "team-b")
+    assert [(a["arm"], a["requests"]) for a in team_b["arms"]] == [("treatment", 2)]
+    assert arm(team_b, "treatment")["feedback"]["count"] == 2
+    team_a = report_json(capsys, "--events", str(events), "--key", "team-a")
+    assert {a["arm"]: a["requests"] for a in team_a["arms"]} == {"treatment": 1, "control": 1}
+    assert sum(a["requests"] for a in report_json(capsys, "--events", str(events))["arms"]) == 4
