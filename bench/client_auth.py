@@ -9,6 +9,12 @@ Targets (optimizer off, the lean upstream of ``bench/servers.py``):
 - the same key, Redis store: one Lua script per request, settlements batched.
 
     python bench/client_auth.py [--requests 1600] [--concurrency 32] [--redis redis://127.0.0.1:6379/0]
+    python bench/client_auth.py --cpu [--rounds 3]   # the server's own CPU time per request, no valgrind
+
+``--cpu`` runs in seconds instead of ~10 minutes a target: each server serves a warm-up, then the measured
+requests, and its CPU time (user + system, from /proc) over them is divided by their number; targets are
+interleaved round by round and the median kept. CPU time is the server's own, so it suffers less from a
+busy machine than requests/s, though more than instruction counts.
 
 Target: <= 10% fewer requests/s than without client auth (throughput ~ 1 / instructions per request).
 """
@@ -16,10 +22,14 @@ Target: <= 10% fewer requests/s than without client auth (throughput ~ 1 / instr
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -30,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from proxy_instructions import instructions  # noqa: E402
+from proxy_instructions import WARMUP, instructions, send  # noqa: E402
 from proxy_overhead import wait_healthy  # noqa: E402
 
 from tests.fakes.upstream import free_port  # noqa: E402
@@ -53,13 +63,38 @@ def write_config(directory: Path, upstream: str) -> Path:
     return path
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(command: list[str], key: str, requests: int, concurrency: int) -> float:
+    """The server's CPU microseconds per request over ``requests``, after a warm-up."""
+    port = free_port()
+    server = subprocess.Popen([*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/readyz", timeout=120)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        asyncio.run(send(url, WARMUP, concurrency, key))
+        before = cpu_seconds(server.pid)
+        asyncio.run(send(url, requests, concurrency, key))
+        time.sleep(0.3)  # settlements batched after the last answer are part of the cost
+        return (cpu_seconds(server.pid) - before) / requests * 1e6
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1600, help="requests measured (beyond a 200-request run)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the redis:// key store")
+    parser.add_argument("--cpu", action="store_true", help="CPU time per request instead of instruction counts")
+    parser.add_argument("--rounds", type=int, default=3, help="--cpu: interleaved rounds (median kept)")
     args = parser.parse_args()
-    if shutil.which("valgrind") is None:
+    if not args.cpu and shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
     python, servers = sys.executable, str(REPO / "bench/servers.py")
     upstream_port = free_port()
@@ -83,16 +118,12 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(f"http://127.0.0.1:{upstream_port}/")
-            print(f"callgrind: instructions per request at {args.concurrency} connections", flush=True)
-            per_request = {}
-            for name, (command, key) in targets.items():
-                counts = []
-                for requests in (200, args.requests + 200):
-                    port = free_port()
-                    counts.append(instructions([*command, str(port)], port, "/readyz", requests,
-                                               args.concurrency, key))
-                per_request[name] = (counts[1] - counts[0]) / args.requests
-                print(f"  {name:<34}{per_request[name]:12,.0f}", flush=True)
+            if args.cpu:
+                per_request = measure_cpu(targets, args)
+                unit = "CPU µs/req"
+            else:
+                per_request = measure_instructions(targets, args)
+                unit = "instr/req"
         finally:
             lean.terminate()
             lean.wait(timeout=15)
@@ -102,9 +133,34 @@ def main() -> None:
                 client.delete(*stale)
             client.close()
     reference = per_request["no client auth"]
-    print(f"\n  {'target':<34}{'instr/req':>12}{'x off':>8}{'~ req/s x off':>16}")
+    print(f"\n  {'target':<34}{unit:>12}{'x off':>8}{'~ req/s x off':>16}")
     for name, count in per_request.items():
-        print(f"  {name:<34}{count:12,.0f}{count / reference:8.2f}{reference / count:16.2f}")
+        print(f"  {name:<34}{count:12,.1f}{count / reference:8.3f}{reference / count:16.3f}")
+
+
+Targets = dict[str, tuple[list[str], str]]
+
+
+def measure_cpu(targets: Targets, args: argparse.Namespace) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for round_ in range(args.rounds):
+        for name, (command, key) in targets.items():
+            samples[name].append(cpu_per_request(command, key, args.requests, args.concurrency))
+            print(f"  round {round_ + 1}  {name:<34}{samples[name][-1]:10.1f} µs", flush=True)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def measure_instructions(targets: Targets, args: argparse.Namespace) -> dict[str, float]:
+    print(f"callgrind: instructions per request at {args.concurrency} connections", flush=True)
+    per_request = {}
+    for name, (command, key) in targets.items():
+        counts = []
+        for requests in (200, args.requests + 200):
+            port = free_port()
+            counts.append(instructions([*command, str(port)], port, "/readyz", requests, args.concurrency, key))
+        per_request[name] = (counts[1] - counts[0]) / args.requests
+        print(f"  {name:<34}{per_request[name]:12,.0f}", flush=True)
+    return per_request
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -75,6 +75,9 @@ class OptimizerOptions:
     # hf: time generation at start-up, to warn when the deadline is too short and to shed load (busy). The
     # gateway turns it on; offline users (bpo rewrite, bpo eval) have no deadline to shed for.
     measure_speed: bool = False
+    # Token usage of a paid backend's call (llm:), as (model, usage): the gateway charges it to the client key
+    # of the request that caused it.
+    on_usage: Callable[[str, Mapping[str, Any]], None] | None = field(default=None, compare=False)
 
 
 @runtime_checkable

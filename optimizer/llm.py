@@ -119,9 +119,16 @@ class LLMOptimizer:
             status = getattr(exc, "status_code", None)
             raise OptimizerError(f"llm:{self.model} failed: {type(exc).__name__}"
                                  + (f" ({status})" if status else "")) from exc
+        self._report_usage(response)
         # litellm maps every provider's "ran out of tokens" (Anthropic's max_tokens too) to "length".
         truncated = getattr(choice, "finish_reason", None) == "length"
         return Rewrite(clean_output(unwrap(answer), mode), self._identity, truncated=truncated)
+
+    def _report_usage(self, response: Any) -> None:
+        usage = getattr(response, "usage", None)
+        if self.options.on_usage is None or usage is None:
+            return
+        self.options.on_usage(self.model, usage.model_dump() if hasattr(usage, "model_dump") else dict(usage))
 
     async def _load(self) -> None:
         from optimizer.litellm_loader import load_litellm

@@ -21,7 +21,7 @@ from optimizer.reload import ReloadableOptimizer, install_sighup
 from proxy.ab import ArmAssigner
 from proxy.admin import admin_routes
 from proxy.budget import Pricing
-from proxy.clients import ClientGuard
+from proxy.clients import ClientGuard, charge_side_spend
 from proxy.dashboard import dashboard_routes
 from proxy.errors import ProxyError, error_response
 from proxy.events import build_sink
@@ -63,6 +63,7 @@ def optimizer_options(settings: Settings, metrics: Metrics) -> OptimizerOptions:
         api_key=settings.optimizer_api_key,
         on_batch=metrics.optimizer_batch_size.observe,
         measure_speed=True,
+        on_usage=charge_side_spend,
     )
 
 

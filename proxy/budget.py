@@ -89,7 +89,7 @@ class Pricing:
             provider_model = route.provider_model
             return _price_of(cost_map.get(provider_model)) or _price_of(
                 cost_map.get(provider_model.partition("/")[2]))
-        return _price_of(cost_map.get(model))
+        return _price_of(cost_map.get(model)) or _price_of(cost_map.get(model.partition("/")[2]))
 
 
 def worst_case_output(body: Mapping[str, Any], default: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -45,6 +46,9 @@ CLIENT = "bpo.client"  # the scope entry that carries the request's ClientContex
 METERED_PATHS = frozenset({"/v1/chat/completions"})
 CLIENT_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 MAX_CACHED_KEYS = 10_000
+# The request's key, for spend the gateway causes on its behalf off the request's own code path (the llm:
+# optimizer, the shadow judge): set by ``check`` in the request's task, inherited by the tasks it starts.
+CURRENT_CLIENT: contextvars.ContextVar[ClientContext | None] = contextvars.ContextVar("bpo_client", default=None)
 SETTLE_INTERVAL = 0.05
 
 
@@ -64,6 +68,17 @@ class BudgetExceeded(ProxyError):
     status = 429
     type = "insufficient_quota"
     code = BUDGET_EXCEEDED
+
+
+def charge_side_spend(model: str, usage: Mapping[str, Any] | None) -> None:
+    """Charge a call the gateway made for the current request (optimizer, shadow judge) to its key."""
+    context = CURRENT_CLIENT.get()
+    tokens = actual_tokens(usage)
+    if context is None or tokens is None:
+        return
+    price = context.guard.pricing.price(model)
+    if price is not None:
+        context.guard.record(context.key, Settlement(None, price.cost(*tokens), 0))
 
 
 def presented_key(headers: list[tuple[bytes, bytes]], path: str) -> str | None:
@@ -219,6 +234,7 @@ class ClientGuard:
                 raise Unauthorized("The client key is not valid (unknown or revoked).")
             scope["headers"] = [h for h in scope["headers"] if h[0] not in CLIENT_KEY_HEADERS]
             context = scope[CLIENT] = ClientContext(key, self)
+            CURRENT_CLIENT.set(context)
             if not (path in METERED_PATHS and scope["method"] == "POST"):
                 if key.limited:
                     await self.admit(key, Ask(0, 0.0, self.hold_seconds))

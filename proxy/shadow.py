@@ -25,6 +25,7 @@ from starlette.responses import Response, StreamingResponse
 
 from optimizer.judge import Verdict, build_judge_messages, combine_orders, parse_verdict
 from optimizer.litellm_loader import litellm_model, load_litellm
+from proxy.clients import charge_side_spend
 from proxy.events import EventSink
 from proxy.forward import (
     Exchange,
@@ -79,6 +80,7 @@ class ForwardingControlClient:
                            "content-type": "application/json"}
             response = await self.http.forward("POST", url, out_headers, encode_body(provider_body(body, target)),
                                                exchange, {}, None, params)
+        charge_side_spend(str(body["model"]), exchange.usage)
         if response.status_code != 200:
             raise ShadowError(f"the upstream answered the control request with {response.status_code}")
         text = answer_text(bytes(response.body))
@@ -183,6 +185,8 @@ def litellm_judge(settings: Settings) -> JudgeCall:
         litellm = load_litellm()
         response = await litellm.acompletion(model=model, messages=messages,
                                              temperature=0.0, max_tokens=512, **options)
+        usage = getattr(response, "usage", None)
+        charge_side_spend(model, usage.model_dump() if usage is not None and hasattr(usage, "model_dump") else None)
         return str(response.choices[0].message.content or "")
 
     return judge

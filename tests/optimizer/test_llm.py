@@ -92,3 +92,17 @@ async def test_an_answer_cut_at_max_tokens_is_marked_truncated(llm: LLMOptimizer
     assert (await llm.optimize("Tell me about black holes.", "stable")).truncated
     answer_with(upstream, "Explain what black holes are.")
     assert not (await llm.optimize("Tell me about black holes.", "stable")).truncated
+
+
+async def test_each_calls_usage_is_reported_for_billing(upstream: FakeUpstream) -> None:
+    reported: list[tuple[str, dict[str, int]]] = []
+    options = replace(OPTIONS, on_usage=lambda model, usage: reported.append((model, dict(usage))))
+    optimizer = LLMOptimizer("openai/bpo-fake", options, api_base=upstream.base_url)
+    await optimizer.start()
+    assert (await optimizer.wait_loaded()).state == "ready"
+    answer_with(upstream, "Explain what black holes are.")
+    await optimizer.optimize("Tell me about black holes.", "stable")
+    await optimizer.close()
+    [(model, usage)] = reported
+    assert model == "openai/bpo-fake"
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (11, 5)  # the fake provider's usage

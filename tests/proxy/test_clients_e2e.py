@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,29 @@ def test_spend_of_a_revoked_key_stays_listed(keyed: RunningProxy) -> None:
     spent = settled_spend(keyed.url, created["id"], at_least=1e-6)
     httpx.delete(f"{keyed.url}/admin/keys/{created['id']}", headers=ADMIN, timeout=30)
     assert spend_of(keyed.url, created["id"]) == spent > 0
+
+
+def test_the_shadow_judges_control_call_is_charged_to_the_key(start_proxy: StartProxy, upstream: FakeUpstream,
+                                                       tmp_path: Path) -> None:
+    from tests.fakes.upstream import chat_reply
+
+    judge = FakeUpstream().start()
+    judge.responders["/v1/chat/completions"] = lambda r: chat_reply(r.json, "Both are fine. [[C]]")
+    try:
+        proxy = start_proxy(admin_key=ADMIN_KEY, key_store=f"sqlite:{tmp_path / 'keys.db'}",
+                            config=priced_config(tmp_path / "bpo.yaml", upstream.base_url), shadow_rate=1.0,
+                            shadow_judge_model="judge-model", shadow_judge_base_url=judge.base_url)
+        created = create_key(proxy.url)  # rewritten treatment traffic is what the shadow judges
+        reply = sdk(proxy, created["key"]).chat.completions.create(model=PRICED_MODEL, messages=MESSAGES)
+        assert reply.usage is not None
+        main = reply.usage.prompt_tokens * 1e-6 + reply.usage.completion_tokens * 1e-3
+        deadline = time.monotonic() + 30
+        while len(judge.requests_to("/v1/chat/completions")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The control answer the judge compares with went to the same priced route: at least its 11 prompt
+        # tokens and one completion token are charged on top of the request's own cost.
+        control = 11 * 1e-6 + 1e-3
+        assert settled_spend(proxy.url, created["id"], at_least=main + control) >= main + control
+        assert created["key"] not in json.dumps([r.headers for r in judge.requests])
+    finally:
+        judge.stop()
