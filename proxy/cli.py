@@ -1,4 +1,5 @@
-"""The ``bpo`` command line: ``serve`` here; the other subcommands are registered by their packages."""
+"""The ``bpo`` command line: ``serve`` here; the other subcommands are registered by their packages (not for
+``bpo serve``, so the gateway never loads the training package)."""
 
 from __future__ import annotations
 
