@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -207,10 +207,15 @@ def extract_usage(payload: bytes) -> dict[str, Any] | None:
     """``usage`` of a JSON body, or of the last SSE event that carries one (streams with include_usage)."""
     if payload.lstrip().startswith(b"{"):
         return _usage_of(payload)
-    for line in reversed(payload.split(b"\n")):
-        if line.startswith(b"data:") and b'"usage"' in line:
-            return _usage_of(line[5:])
-    return None
+    with_usage = [data for data in sse_data(payload) if b'"usage"' in data]
+    return _usage_of(with_usage[-1]) if with_usage else None
+
+
+def sse_data(payload: bytes) -> Iterator[bytes]:
+    """The payload of each ``data:`` line of SSE bytes, in order, without the ``[DONE]`` sentinel."""
+    for line in payload.split(b"\n"):
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+            yield line[5:]
 
 
 def split_at_event_end(data: bytes) -> tuple[bytes, bytes]:

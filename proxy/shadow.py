@@ -34,6 +34,7 @@ from proxy.forward import (
     encode_body,
     provider_body,
     resolve_target,
+    sse_data,
     upstream_headers,
 )
 from proxy.litellm_forward import LiteLLMForwarder
@@ -136,11 +137,9 @@ def _first_choices(body: Any) -> Iterator[dict[str, Any]]:
 def _sse_text(payload: bytes) -> str | None:
     parts: list[str] = []
     seen = False
-    for line in payload.split(b"\n"):
-        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-            continue
+    for data in sse_data(payload):
         try:
-            chunk = orjson.loads(line[5:])
+            chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             continue
         for choice in _first_choices(chunk):

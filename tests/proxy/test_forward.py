@@ -6,7 +6,7 @@ import json
 
 import orjson
 
-from proxy.forward import RelayedResponse, downstream_headers, encode_body, upstream_headers
+from proxy.forward import RelayedResponse, downstream_headers, encode_body, extract_usage, sse_data, upstream_headers
 
 
 def test_downstream_headers_keep_repeats_and_drop_hop_by_hop() -> None:
@@ -41,3 +41,16 @@ def test_encode_body_falls_back_where_orjson_would_alter_a_value() -> None:
     assert encode_body({"a": "\ud800"}, orjson_safe=True) == b'{"a": "\\ud800"}'  # a lone surrogate stays escaped
     assert encode_body({"t": float("nan")}) == b'{"t": NaN}'  # only a stdlib-read body can hold NaN: kept
     assert orjson.loads(encode_body({"x": "é"}, orjson_safe=True)) == {"x": "é"}
+
+
+def test_sse_data_yields_each_data_payload_without_done() -> None:
+    stream = b'event: x\ndata: {"a":1}\n\ndata:{"b":2}\n\n: comment\ndata: [DONE]\n\n'
+    assert list(sse_data(stream)) == [b' {"a":1}', b'{"b":2}']
+
+
+def test_extract_usage_takes_the_last_event_that_carries_one() -> None:
+    stream = (b'data: {"usage":{"total_tokens":1}}\n\ndata: {"choices":[]}\n\n'
+              b'data: {"choices":[],"usage":{"total_tokens":7}}\n\ndata: [DONE]\n\n')
+    assert extract_usage(stream) == {"total_tokens": 7}
+    assert extract_usage(b'{"usage":{"total_tokens":3}}') == {"total_tokens": 3}
+    assert extract_usage(b"data: [DONE]\n\n") is None
