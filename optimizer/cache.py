@@ -15,8 +15,8 @@ import orjson
 from optimizer.singleflight import SingleFlight
 from optimizer.template import TEMPLATE_VERSION
 
-Verdict = Literal["applied", "unchanged", "guard-rejected", "truncated"]
-VERDICTS: tuple[Verdict, ...] = ("applied", "unchanged", "guard-rejected", "truncated")
+CacheVerdict = Literal["applied", "unchanged", "guard-rejected", "truncated"]
+CACHE_VERDICTS: tuple[CacheVerdict, ...] = ("applied", "unchanged", "guard-rejected", "truncated")
 
 EventCallback = Callable[[str], None]
 Compute = Callable[[], Awaitable["CachedRewrite"]]
@@ -32,7 +32,7 @@ class CachedRewrite:
     """The outcome of optimizing one prompt; negative verdicts are cached too."""
 
     text: str  # the rewrite: sent upstream only when verdict == "applied"; a guard-rejected one is kept for debug
-    verdict: Verdict
+    verdict: CacheVerdict
     optimizer: str  # name@version that produced it
     created: float  # unix time
     guard_rule: str | None = None

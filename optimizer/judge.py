@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-Verdict = Literal["A", "B", "tie"]
+JudgeVerdict = Literal["A", "B", "tie"]
 Outcome = Literal["win", "tie", "loss", "invalid"]
 
 # Bump when the judge's wording changes: it is stored with every verdict.
@@ -53,10 +53,10 @@ _NAMED = re.compile(
     r"(?:verdict|winner|better\s+(?:answer|response)|choice)\s*(?:is|:)?\s*[*_\s]*"
     r"(?:answer|assistant|response)?\s*[(\"']?\s*([ab])\b", re.I)
 _TIE = re.compile(r"\b(?:tie|draw|equally\s+good|both\s+(?:answers\s+)?are\s+equally)\b", re.I)
-_LETTERS: dict[str, Verdict] = {"a": "A", "b": "B", "c": "tie", "tie": "tie"}
+_LETTERS: dict[str, JudgeVerdict] = {"a": "A", "b": "B", "c": "tie", "tie": "tie"}
 
 
-def parse_verdict(text: str) -> Verdict | None:
+def parse_verdict(text: str) -> JudgeVerdict | None:
     """The judge's verdict, read from its last line that carries one; None when there is none or it is
     ambiguous (two different verdicts on that line)."""
     for line in reversed([line for line in text.splitlines() if line.strip()]):
@@ -73,7 +73,7 @@ def parse_verdict(text: str) -> Verdict | None:
     return "tie" if _TIE.search(tail) else None
 
 
-def combine_orders(original_first: Verdict | None, optimized_first: Verdict | None) -> Outcome:
+def combine_orders(original_first: JudgeVerdict | None, optimized_first: JudgeVerdict | None) -> Outcome:
     """The optimized prompt's outcome from both orders: (A=original, B=optimized) then the swap.
 
     Each order scores +1 for the optimized prompt's answer, -1 for the original's, 0 for a tie; the sum

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from optimizer.breaker import CircuitBreaker
-from optimizer.cache import VERDICTS, CachedRewrite, Compute, EventCallback, LocalTier
+from optimizer.cache import CACHE_VERDICTS, CachedRewrite, Compute, EventCallback, LocalTier
 from optimizer.singleflight import SingleFlight
 from optimizer.urls import redact_url
 
@@ -58,7 +58,7 @@ def decode_value(raw: bytes) -> CachedRewrite | None:
         return None
     text, verdict, optimizer = data.get("text"), data.get("verdict"), data.get("optimizer")
     created, rule = data.get("created"), data.get("guard_rule")
-    if not (isinstance(text, str) and isinstance(optimizer, str) and verdict in VERDICTS):
+    if not (isinstance(text, str) and isinstance(optimizer, str) and verdict in CACHE_VERDICTS):
         return None
     if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
         return None

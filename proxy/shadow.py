@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from optimizer.judge import Verdict, build_judge_messages, combine_orders, parse_verdict
+from optimizer.judge import JudgeVerdict, build_judge_messages, combine_orders, parse_verdict
 from optimizer.litellm_loader import litellm_model, load_litellm
 from proxy.clients import charge_side_spend
 from proxy.events import EventSink
@@ -354,7 +354,7 @@ class ShadowJudge:
                           control_answer=control)
         return result
 
-    async def _ask(self, question: str, answer_a: str, answer_b: str) -> Verdict:
+    async def _ask(self, question: str, answer_a: str, answer_b: str) -> JudgeVerdict:
         reply = await self.judge(build_judge_messages(question, answer_a, answer_b))
         verdict = parse_verdict(reply)
         if verdict is None:

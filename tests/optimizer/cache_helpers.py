@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import redis
 
-from optimizer.cache import CachedRewrite, Verdict
+from optimizer.cache import CachedRewrite, CacheVerdict
 from tests.fakes.upstream import free_port
 
 
-def rewrite(text: str = "improved", verdict: Verdict = "applied", optimizer: str = "fake@1",
+def rewrite(text: str = "improved", verdict: CacheVerdict = "applied", optimizer: str = "fake@1",
             created: float | None = None, guard_rule: str | None = None) -> CachedRewrite:
     return CachedRewrite(text, verdict, optimizer, time.time() if created is None else created, guard_rule)
 
