@@ -187,7 +187,10 @@ def _to_bool(value: Any) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; defaults stay unset so env and config can fill them."""
+    """One flag per setting; defaults stay unset so env and config can fill them.
+
+    (``training.cli.add_config_arguments`` is the stages' counterpart, with real defaults and types.)
+    """
     for name, spec in FIELDS.items():
         if spec.metadata.get("config_only"):
             continue

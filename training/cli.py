@@ -57,6 +57,12 @@ def _flag_type(hint: Any) -> tuple[Any, bool]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Any]) -> None:
+    """One flag per field of a stage's config dataclass, with its real default, type and help.
+
+    Not shared with ``proxy.settings.add_arguments``: the gateway's flags default to unset (env and YAML
+    fill them, then one coercion names the source of a bad value), while a stage's flags carry argparse
+    types, required and repeated flags. Only the flag spelling and the bool rule are common.
+    """
     hints = typing.get_type_hints(config_class)
     for item in dataclasses.fields(config_class):
         flag = "--" + item.name.replace("_", "-")
