@@ -5,9 +5,10 @@ Starlette's router), so no route can skip it. ``check`` authenticates, takes the
 of the request (nothing downstream can forward them), attaches a ``ClientContext`` to the scope and, for
 routes that do not meter themselves, admits the request against the key's rpm and budget right there. The
 routes in ``METERED_PATHS`` know the model and the worst case of their request, so they admit it themselves
-with ``ClientContext.admit`` (rpm, tpm and budget in one step) before forwarding: a metered route that
-forgot would still be covered, since ``check`` refuses to hand such a request over unadmitted only if it
-is listed here — ``tests/proxy/test_clients_e2e.py`` sends a spent key to every route to prove none forgets.
+with ``ClientContext.admit`` (rpm, tpm and budget in one step) before forwarding.
+``tests/proxy/test_clients_e2e.py`` sends no key, then a spent key, to every ``/v1`` route of the app (and the
+fast path) and fails if any answers: a new route or dispatch path that skips the check, or a metered route
+that forgets to admit, is caught there.
 
 Key lookups are cached for ``--key-cache-seconds`` (default 10): a key revoked through this replica stops
 working at once; through another replica, within that many seconds. A key with a rate limit or a budget
