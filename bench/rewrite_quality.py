@@ -148,9 +148,11 @@ async def measure(spec: str, pairs: list[tuple[str, str]], mode: Mode, options: 
         if status.state != "ready":
             raise SystemExit(f"{spec}: optimizer is {status.state}: {status.detail}")
         report.identity = recording.identity
-        for original, reference in pairs:
+        for number, (original, reference) in enumerate(pairs, start=1):
             outcome = await pipeline.run(original, mode)
             record(report, original, reference, outcome.text, outcome.applied, outcome.reason, recording)
+            print(f"{spec}: {number}/{len(pairs)} {outcome.reason or 'applied'} in {recording.seconds:.1f} s",
+                  file=sys.stderr, flush=True)
     finally:
         await recording.close()
     return report

@@ -262,8 +262,9 @@ def served_rewrites(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: lis
     loaded = prepare_loaded("bpo-train-eval", model, tokenizer, str(model.device), str(model.dtype))
     model.eval()
     rewrites: list[str | None] = []
-    for start in range(0, len(prompts), options.max_batch_size):
-        batch = [GenerationRequest(text, mode) for text in prompts[start:start + options.max_batch_size]]
+    rows = max(options.max_batch_size, 1)
+    for start in range(0, len(prompts), rows):
+        batch = [GenerationRequest(text, mode) for text in prompts[start:start + rows]]
         results = generate_batch(loaded, options, batch, lambda row: False)
         rewrites += [None if isinstance(result, BaseException) or result.truncated else result.text
                      for result in results]
