@@ -108,13 +108,13 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
             on_optimizer_seconds=lambda backend, seconds: metrics.optimizer_seconds.labels(backend).observe(seconds),
             on_fail_open=lambda component: metrics.fail_open.labels(component=component).inc())
         providers = LiteLLMForwarder(settings.upstream_timeout, on_broken_stream=metrics.broken_stream)
-        state.shadow = ShadowJudge(settings, metrics, state.events,
-                                   ForwardingControlClient(settings, state.http, providers))
+        upstream_calls = UpstreamCalls(settings, state.http, providers)
+        state.shadow = ShadowJudge(settings, metrics, state.events, ForwardingControlClient(upstream_calls))
         state.access_log = AccessLog() if settings.access_log and settings.log_level in ("debug", "info") else None
         tracing = build_tracing(settings.otel_endpoint, settings.events_include_text,
                                 lambda: metrics.fail_open.labels(component="tracing").inc())
         state.tracing = app.tracing = tracing
-        state.rewriting = RewriteService(settings, pipeline, UpstreamCalls(settings, state.http, providers),
+        state.rewriting = RewriteService(settings, pipeline, upstream_calls,
                                          ArmAssigner(settings), metrics, state.events, state.recent_requests,
                                          state.shadow, state.access_log)
         state.rewriting.tracing = state.rewriting.upstream.tracing = tracing

@@ -29,18 +29,12 @@ from proxy.clients import charge_side_spend
 from proxy.events import EventSink
 from proxy.forward import (
     Exchange,
-    HttpForwarder,
-    chat_url,
-    encode_body,
-    provider_body,
-    resolve_target,
     sse_data,
-    upstream_headers,
 )
-from proxy.litellm_forward import LiteLLMForwarder
 from proxy.metrics import Metrics
 from proxy.rewrite import find_last_user_turn
 from proxy.settings import Settings
+from proxy.upstream_calls import UpstreamCalls
 
 log = logging.getLogger("bpo.shadow")
 
@@ -63,24 +57,15 @@ JudgeCall = Callable[[list[dict[str, str]]], Awaitable[str]]  # messages -> repl
 
 
 class ForwardingControlClient:
-    """Asks the configured upstream again, through the gateway's own forwarders, with the client's auth."""
+    """Asks the configured upstream again with the client's auth: the chat call is built where the client's
+    own is (``UpstreamCalls``), so both go to the same place in the same way."""
 
-    def __init__(self, settings: Settings, http: HttpForwarder, providers: LiteLLMForwarder) -> None:
-        self.settings = settings
-        self.http = http
-        self.providers = providers
+    def __init__(self, calls: UpstreamCalls) -> None:
+        self.calls = calls
 
     async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str:
-        target = resolve_target(self.settings, str(body["model"]))
         exchange = Exchange()
-        if target.kind == "litellm":
-            response = await self.providers.forward(target, {**body, "model": target.model}, exchange, {})
-        else:
-            url, params = chat_url(target)
-            out_headers = {**upstream_headers(headers, target.api_key, azure=target.kind == "azure"),
-                           "content-type": "application/json"}
-            response = await self.http.forward("POST", url, out_headers, encode_body(provider_body(body, target)),
-                                               exchange, {}, None, params)
+        response = await self.calls.send_chat(body, headers, exchange)
         charge_side_spend(str(body["model"]), exchange.usage)
         if response.status_code != 200:
             raise ShadowError(f"the upstream answered the control request with {response.status_code}")

@@ -82,7 +82,21 @@ class UpstreamCalls:
             return await self.providers.forward(target, {**full, "model": target.model}, ctx.exchange, extra,
                                                 finish, route=ctx.shape.route)
         url, params = self._url(ctx.shape.route, target)
-        headers = upstream_headers(ctx.headers, None if target.kind == "anthropic" else target.api_key,
+        return await self.http.forward("POST", url, self._headers(target, ctx.headers), self._payload(ctx, target),
+                                       ctx.exchange, extra, finish, params, stream=request.stream)
+
+    async def send_chat(self, body: Mapping[str, Any], headers: Mapping[str, str], exchange: Exchange) -> Response:
+        """A chat completion the gateway asks for itself (the shadow judge's control answer): the same
+        target, URL and headers as the client's own chat requests, never streamed."""
+        target = self.target("chat", str(body["model"]))
+        if target.kind == "litellm":
+            return await self.providers.forward(target, {**body, "model": target.model}, exchange, {})
+        url, params = chat_url(target)
+        return await self.http.forward("POST", url, self._headers(target, headers),
+                                       encode_body(provider_body(body, target)), exchange, {}, None, params)
+
+    def _headers(self, target: Target, client_headers: Mapping[str, str]) -> dict[str, str]:
+        headers = upstream_headers(client_headers, None if target.kind == "anthropic" else target.api_key,
                                    azure=target.kind == "azure")
         if target.kind == "anthropic" and target.api_key:  # the route's key replaces the client's
             headers.pop("authorization", None)
@@ -90,8 +104,7 @@ class UpstreamCalls:
         headers["content-type"] = "application/json"
         if self.tracing is not None:
             self.tracing.inject(headers)  # W3C traceparent: the upstream's spans join this trace
-        return await self.http.forward("POST", url, headers, self._payload(ctx, target), ctx.exchange, extra,
-                                       finish, params, stream=request.stream)
+        return headers
 
     @staticmethod
     def _url(route: str, target: Target) -> tuple[str, dict[str, str] | None]:
