@@ -145,6 +145,9 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
 _REWRITING = {shape.path: shape for shape in SHAPES}
 
 
+TRACED = "bpo.traced"  # scope key: this request already runs inside its trace span
+
+
 class Gateway(Starlette):
     """The Starlette app, with ``POST`` on the rewriting routes (chat completions, responses, messages)
     dispatched before its middleware and router.
@@ -166,13 +169,13 @@ class Gateway(Starlette):
             await super().__call__(scope, receive, _brief_startup_failure(send))
             return
         tracing = self.tracing
-        if tracing is not None and scope["type"] == "http":  # one trace per request, over both paths
+        if tracing is not None and scope["type"] == "http" and TRACED not in scope:
+            # One trace per request, over both paths: the same dispatch again, inside the request's span.
+            # Without tracing the dispatch below runs directly: no extra coroutine on the hot path.
+            scope[TRACED] = True
             with tracing.request_span(scope):
-                await self._dispatch(scope, receive, send)
+                await self.__call__(scope, receive, send)
             return
-        await self._dispatch(scope, receive, send)
-
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         clients = self.clients
         if (clients is not None and clients.active and scope["type"] == "http"
                 and _api_path(scope).startswith("/v1/")):
