@@ -150,9 +150,13 @@ def context_limit(base: str, requested: int) -> int:
 
 def from_base(base: str, load: Callable[..., Loaded], what: str, **kwargs: Any) -> Loaded:
     """``load(base)``; transformers' errors for a base that holds no usable model name the flag."""
-    from optimizer.hf import model_source  # the hf: backend's reading of a path: a dir, a GGUF file, a hub id
+    from optimizer.hf import ModelLoadError, model_source  # the hf: backend's reading of a path: a dir,
+    # a GGUF file, a hub id
 
-    source, gguf_file = model_source(base)
+    try:
+        source, gguf_file = model_source(base)
+    except ModelLoadError as exc:  # a path that does not exist
+        raise ConfigError(f"--base {base}: cannot load its {what}: {exc}") from exc
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         return load(source, **extra, **kwargs)
