@@ -134,6 +134,8 @@ def _read_json_object(raw: bytes, content_type: str | None) -> tuple[dict[str, A
 
 
 def parse_chat_request(raw: bytes, content_type: str | None) -> WireRequest:
+    """``POST /v1/chat/completions`` and (Anthropic) ``POST /v1/messages``: ``messages`` is a non-empty list of
+    role/content objects; only the fields the gateway touches are checked."""
     body, by_orjson = _read_json_object(raw, content_type)
     model = _model_of(body)
     messages = body.get("messages")
@@ -142,6 +144,9 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> WireRequest:
     for index, message in enumerate(messages):
         _check_message(message, index)
     return WireRequest(body, raw, model, _stream_of(body), by_orjson)
+
+
+parse_messages_request = parse_chat_request  # the two wires agree on everything checked here
 
 
 def parse_responses_request(raw: bytes, content_type: str | None) -> WireRequest:
@@ -157,18 +162,6 @@ def parse_responses_request(raw: bytes, content_type: str | None) -> WireRequest
             raise InvalidRequest(f"input[{index}] must be an object.", param=f"input[{index}]")
         if "role" in item:
             _check_message(item, index, "input", ("input_text",))
-    return WireRequest(body, raw, model, _stream_of(body), by_orjson)
-
-
-def parse_messages_request(raw: bytes, content_type: str | None) -> WireRequest:
-    """``POST /v1/messages`` (Anthropic): ``messages`` is a non-empty list of role/content objects."""
-    body, by_orjson = _read_json_object(raw, content_type)
-    model = _model_of(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
-    for index, message in enumerate(messages):
-        _check_message(message, index)
     return WireRequest(body, raw, model, _stream_of(body), by_orjson)
 
 

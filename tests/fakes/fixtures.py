@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.fakes.tiny_model import build_tiny_model
 
@@ -38,3 +41,19 @@ def find_gguf() -> Path:
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file (real weights, 98 MB, read-only): ``hf:PATH`` loads it."""
     return find_gguf()
+
+
+# The Redis every machine of this project runs (.ci/run starts one when none answers).
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A namespace on the shared Redis that no other test uses; its keys are deleted afterwards."""
+    name = f"bpo-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(SHARED_REDIS_URL)
+    keys = list(client.scan_iter(match=f"{name}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from tests.fakes.fixtures import SHARED_REDIS_URL
 from tests.optimizer.cache_helpers import RedisServer
-
-SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    """A namespace on the shared Redis that no other test uses; its keys are deleted afterwards."""
-    name = f"bpo-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(SHARED_REDIS_URL)
-    keys = list(client.scan_iter(match=f"{name}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from optimizer.breaker import CircuitBreaker
 from optimizer.cache import CacheOptions, LocalTier, build_cache, cache_key, tenant_of
 from optimizer.redis_cache import RedisCache, decode_value, encode_value
 from optimizer.urls import redact_url
+from tests.fakes.fixtures import SHARED_REDIS_URL
 from tests.optimizer.cache_helpers import CountingCompute, Events, rewrite, until
-from tests.optimizer.conftest import SHARED_REDIS_URL
 
 PROMPT = "Write a haiku about the sea"
 

@@ -6,21 +6,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import redis
 
 from proxy.keys import ClientKey, hash_key, new_id
 from proxy.keystore import SqliteKeyStore
 from proxy.open_relay import open_relay_problem
+from tests.fakes.fixtures import SHARED_REDIS_URL
 from tests.fakes.proxy_server import REPO, ProxyProcess, make_settings
 from tests.fakes.upstream import FakeUpstream
-from tests.optimizer.conftest import SHARED_REDIS_URL
 from tests.proxy.keys_helpers import (
     ADMIN,
     ADMIN_KEY,
@@ -35,17 +33,6 @@ from tests.proxy.keys_helpers import (
 
 MESSAGES = [{"role": "user", "content": "Tell me about black holes."}]
 StartServe = Callable[..., ProxyProcess]
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    name = f"bpo-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(SHARED_REDIS_URL)
-    keys = list(client.scan_iter(match=f"{name}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import redis
 from proxy.keys import ClientKey, hash_key, new_id
 from proxy.keystore import KeyStore, KeyStoreError, Settlement, SqliteKeyStore, build_key_store, count_keys_now
 from proxy.limits import Ask
-from tests.optimizer.conftest import SHARED_REDIS_URL
+from tests.fakes.fixtures import SHARED_REDIS_URL
 
 OpenStore = Callable[[], KeyStore]
 ASK = Ask(tokens=0, cost=0.0, hold_seconds=60.0)
