@@ -1,7 +1,8 @@
 """The values of ``X-BPO-Reason``: why a request went upstream without a rewrite.
 
 One home for the vocabulary, so the pipeline, the A/B split and the serving path cannot drift apart. The skip
-policy's rule names (``proxy.skip.RULES``) are reasons too; they live with their rules, in the proxy.
+policy's rule names are reasons too: their names are here (``SKIP_RULE_NAMES``, which settings and client keys
+validate against), their rules in ``proxy/skip.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ UNCHANGED: Final = "unchanged"
 TRUNCATED: Final = "truncated"
 # The optimizer's queue could not have finished within the deadline: sent on at once, not after it.
 BUSY: Final = "busy"
+
+# The skip policy's rules (proxy/skip.py): each rule's name is the reason it gives.
+SKIP_RULE_NAMES: Final = ("json-schema", "code-or-data", "unsupported-language")
 
 REASONS: Final = (DISABLED, CONTROL_ARM, NOT_USER_TURN, TOO_LONG, TIMEOUT, OPTIMIZER_ERROR,
                   OPTIMIZER_UNAVAILABLE, GUARD_REJECTED, UNCHANGED, TRUNCATED, BUSY)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from optimizer.reasons import SKIP_RULE_NAMES
+
 Optimize = Literal["on", "off", "default"]
 OPTIMIZE_POLICIES: tuple[Optimize, ...] = ("on", "off", "default")
 KEY_PREFIX = "sk-bpo-"
@@ -38,6 +40,7 @@ class ClientKey:
     max_budget_usd: float | None = None
     budget_period: str | None = None  # one of PERIODS, or None
     optimize: Optimize = "default"
+    skip_rules: tuple[str, ...] | None = None  # the skip policy's rules for this key; None: the route's
     source: Literal["api", "config"] = "api"
     created: float = field(default_factory=time.time)
 
@@ -57,8 +60,9 @@ class ClientKey:
         """What the admin API shows: everything but the hash."""
         return {"id": self.id, "name": self.name, "models": list(self.models) if self.models is not None else None,
                 "rpm": self.rpm, "tpm": self.tpm, "max_budget_usd": self.max_budget_usd,
-                "budget_period": self.budget_period, "optimize": self.optimize, "source": self.source,
-                "created": self.created}
+                "budget_period": self.budget_period, "optimize": self.optimize,
+                "skip_rules": list(self.skip_rules) if self.skip_rules is not None else None,
+                "source": self.source, "created": self.created}
 
     def limits_json(self) -> dict[str, Any]:
         """The definition as stored beside the hash (the store's ``spec`` column or field)."""
@@ -86,7 +90,8 @@ def new_id() -> str:
 def key_from_spec(spec: Mapping[str, Any], *, key_hash: str, id: str, source: Literal["api", "config"],
                   where: str) -> ClientKey:
     """A ``ClientKey`` from a JSON/YAML definition; raises ``KeySpecError`` naming the bad field."""
-    allowed = {"name", "models", "rpm", "tpm", "max_budget_usd", "budget_period", "optimize", "key", "key_hash"}
+    allowed = {"name", "models", "rpm", "tpm", "max_budget_usd", "budget_period", "optimize", "skip_rules", "key",
+               "key_hash"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise KeySpecError(f"{where}: unknown field(s) {', '.join(unknown)}")
@@ -98,7 +103,8 @@ def key_from_spec(spec: Mapping[str, Any], *, key_hash: str, id: str, source: Li
                      tpm=_positive_int(spec.get("tpm"), f"{where}.tpm"),
                      max_budget_usd=_budget(spec.get("max_budget_usd"), where),
                      budget_period=_period(spec.get("budget_period"), where),
-                     optimize=_optimize(spec.get("optimize"), where), source=source)
+                     optimize=_optimize(spec.get("optimize"), where),
+                     skip_rules=_skip_rules(spec.get("skip_rules"), where), source=source)
 
 
 def config_key(spec: Any, index: int) -> ClientKey:
@@ -156,6 +162,14 @@ def _period(value: Any, where: str) -> str | None:
     if value not in PERIODS:
         raise KeySpecError(f"{where}.budget_period: must be one of {', '.join(PERIODS)}")
     return str(value)
+
+
+def _skip_rules(value: Any, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(name, str) and name in SKIP_RULE_NAMES for name in value):
+        raise KeySpecError(f"{where}.skip_rules: a list of rule names among {', '.join(SKIP_RULE_NAMES)} ([]: none)")
+    return tuple(dict.fromkeys(value))
 
 
 def _optimize(value: Any, where: str) -> Optimize:

@@ -224,8 +224,9 @@ class RewriteService:
         """The newest turn through the skip policy, then the pipeline (one optimizer call for the whole turn)."""
         text = turn.prompt.text
         if len(text) <= self.pipeline.max_chars:  # past it the pipeline answers too-long, for free
+            key_rules = ctx.client.key.skip_rules if ctx.client is not None else None
             skipped = self.skip.first_match(Candidate(text, ctx.shape.json_schema(ctx.request.body)),
-                                            ctx.request.model)
+                                            ctx.request.model, key_rules)
             if skipped is not None:
                 return Outcome(text, False, skipped, "off", self.pipeline.optimizer.identity)
         return await self.pipeline.run(text, ctx.decision.mode, tenant)

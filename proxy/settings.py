@@ -14,13 +14,13 @@ from typing import Any
 
 import yaml
 
+from optimizer.reasons import SKIP_RULE_NAMES
 from proxy.keys import ClientKey, KeySpecError, config_key
 
 ENV_PREFIX = "BPO_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 CLIENT_AUTH_MODES = ("on", "off", "auto")
 # The skip policy's rules (proxy/skip.py holds what each one checks).
-SKIP_RULE_NAMES = ("json-schema", "code-or-data", "unsupported-language")
 LITELLM_SECTIONS = frozenset({"model_list", "litellm_settings", "general_settings", "router_settings",
                               "environment_variables"})
 

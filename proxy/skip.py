@@ -1,8 +1,8 @@
 """The skip policy: requests the optimizer should not rewrite, by a small table of named rules.
 
 Each rule's name is also its ``X-BPO-Reason``. ``--skip-rules`` sets the rules for every model, a
-``model_list`` entry's ``bpo_skip_rules`` for its model, and a client key may carry its own list
-(``SkipPolicy.first_match(..., key_rules=...)``: the hook for per-key settings).
+``model_list`` entry's ``bpo_skip_rules`` for its model, and a client key's ``skip_rules`` for its requests
+(passed as ``first_match(..., key_rules=...)``).
 """
 
 from __future__ import annotations
@@ -93,6 +93,6 @@ class SkipPolicy:
 
     def first_match(self, candidate: Candidate, model: str, key_rules: tuple[str, ...] | None = None) -> str | None:
         """The name of the first rule that skips ``candidate``; ``key_rules`` (a client key's own list, when
-        keys carry one) beats the model's, which beats ``--skip-rules``."""
+        it carries one: its ``skip_rules``) beats the model's, which beats ``--skip-rules``."""
         rules = self._rules(key_rules) if key_rules is not None else self.per_model.get(model, self.default)
         return next((rule.name for rule in rules if rule.check(candidate, self.languages)), None)

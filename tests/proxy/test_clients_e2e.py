@@ -73,7 +73,9 @@ def test_admin_keys_need_the_admin_key(keyed: RunningProxy, method: str, path: s
 
 @pytest.mark.parametrize("body", [b"not json", b"[1]", b'{"name": ""}', b'{"name": "a", "rpm": -1}',
                                   b'{"name": "a", "optimize": "sometimes"}', b'{"name": "a", "key": "sk-mine"}',
-                                  b'{"name": "a", "max_budget_usd": "ten"}', b'{"name": "a", "colour": 1}'])
+                                  b'{"name": "a", "max_budget_usd": "ten"}', b'{"name": "a", "colour": 1}',
+                                  b'{"name": "a", "skip_rules": ["nonsense"]}',
+                                  b'{"name": "a", "skip_rules": "json-schema"}'])
 def test_bad_key_definitions_are_400(keyed: RunningProxy, body: bytes) -> None:
     response = httpx.post(f"{keyed.url}/admin/keys", content=body, headers=ADMIN, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
@@ -230,6 +232,22 @@ def test_the_keys_optimize_policy_beats_x_bpo(start_proxy: StartProxy, upstream:
     forced = sdk(proxy, on).chat.completions.with_raw_response.create(model="fake-model", messages=MESSAGES)
     assert forced.headers["x-bpo-applied"] == "true"  # despite a 0% treatment split
     assert upstream.requests_to("/v1/completions")  # the optimizer ran for the "on" key
+
+
+def test_a_keys_skip_rules_replace_the_routes(start_proxy: StartProxy, upstream: FakeUpstream,
+                                               tmp_path: Path) -> None:
+    """Every skip rule is on for the gateway; a key with ``skip_rules: []`` has its JSON-schema requests rewritten."""
+    proxy = start_proxy(admin_key=ADMIN_KEY, key_store=f"sqlite:{tmp_path / 'keys.db'}")
+    plain = create_key(proxy.url)
+    no_rules = create_key(proxy.url, skip_rules=[])
+    assert no_rules["skip_rules"] == [] and plain["skip_rules"] is None
+    schema = {"type": "json_schema", "json_schema": {"name": "facts", "schema": {"type": "object"}}}
+    skipped = sdk(proxy, plain["key"]).chat.completions.with_raw_response.create(
+        model="fake-model", messages=MESSAGES, response_format=schema)  # type: ignore[arg-type]
+    assert skipped.headers["x-bpo-applied"] == "false" and skipped.headers["x-bpo-reason"] == "json-schema"
+    rewritten = sdk(proxy, no_rules["key"]).chat.completions.with_raw_response.create(
+        model="fake-model", messages=MESSAGES, response_format=schema)  # type: ignore[arg-type]
+    assert rewritten.headers["x-bpo-applied"] == "true"
 
 
 def test_events_name_the_key_never_the_key(start_proxy: StartProxy, tmp_path: Path) -> None:
