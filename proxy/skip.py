@@ -22,6 +22,7 @@ from proxy.settings import Settings, skip_rule_names
 CODE_OR_DATA_SHARE = 0.6
 MIN_LINES = 3
 SAMPLE_LINES = 400  # the start of a long turn says enough; the cost stays bounded
+MAX_REMEMBERED_DECISIONS = 4096
 _CODE_LINE = re.compile(
     r"^\s*(?:[{}\[\]<#]|//|/\*|\*|(?:def|class|import|from|function|const|let|var|public|private|return|if|for|"
     r"while|SELECT|INSERT|UPDATE|CREATE)\b)|[;{}(),]\s*$|=>|:=|==|(?<!\w)\w+\([^)]*\)\s*$"
@@ -86,6 +87,10 @@ class SkipPolicy:
         self.per_model = {route.model_name: self._rules(route.skip_rules) for route in settings.model_list
                           if route.skip_rules is not None}
         self.languages = frozenset(skip_rule_names(settings.optimizer_languages))
+        # Decisions by (key rules, model, prompt, schema): the rules are pure, and the language and code checks
+        # cost ~100 µs a prompt, as much as the rest of a cache hit (bench/README.md). Bounded: prompts are
+        # client input.
+        self._decided: dict[tuple[tuple[str, ...] | None, str, str, bool], str | None] = {}
 
     @staticmethod
     def _rules(names: tuple[str, ...]) -> tuple[SkipRule, ...]:
@@ -94,5 +99,12 @@ class SkipPolicy:
     def first_match(self, candidate: Candidate, model: str, key_rules: tuple[str, ...] | None = None) -> str | None:
         """The name of the first rule that skips ``candidate``; ``key_rules`` (a client key's own list, when
         it carries one: its ``skip_rules``) beats the model's, which beats ``--skip-rules``."""
+        memo = (key_rules, model, candidate.prompt, candidate.json_schema)
+        if memo in self._decided:
+            return self._decided[memo]
         rules = self._rules(key_rules) if key_rules is not None else self.per_model.get(model, self.default)
-        return next((rule.name for rule in rules if rule.check(candidate, self.languages)), None)
+        decided = next((rule.name for rule in rules if rule.check(candidate, self.languages)), None)
+        if len(self._decided) >= MAX_REMEMBERED_DECISIONS:
+            self._decided.clear()
+        self._decided[memo] = decided
+        return decided

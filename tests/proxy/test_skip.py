@@ -10,6 +10,7 @@ import openai
 import pytest
 import yaml
 
+from proxy import skip
 from proxy.settings import SettingsError
 from proxy.skip import Candidate, SkipPolicy, mostly_code_or_data
 from tests.fakes.proxy_server import make_settings
@@ -73,3 +74,15 @@ def test_skipped_requests_say_why(upstream: FakeUpstream, start_proxy: StartProx
         assert upstream.requests_to("/v1/chat/completions")[-1].json["messages"][0]["content"] == text
     assert upstream.requests_to("/v1/completions") == []  # no optimizer call for a skipped request
     assert 'reason="code-or-data",route="chat"' in httpx.get(proxy.url + "/metrics").text
+
+
+def test_decisions_are_remembered_per_rules_and_prompt_and_stay_bounded() -> None:
+    policy = SkipPolicy(make_settings())
+    schema = Candidate("List three rivers of Europe.", json_schema=True)
+    assert policy.first_match(schema, "gpt") == "json-schema"
+    assert policy.first_match(schema, "gpt", key_rules=()) is None  # a key's own rules are part of the memo
+    assert policy.first_match(schema, "gpt") == "json-schema"
+    assert policy.first_match(Candidate("List three rivers of Europe.", json_schema=False), "gpt") is None
+    for index in range(skip.MAX_REMEMBERED_DECISIONS + 10):
+        policy.first_match(Candidate(f"prompt number {index}", json_schema=False), "gpt")
+    assert len(policy._decided) <= skip.MAX_REMEMBERED_DECISIONS
