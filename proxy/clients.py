@@ -12,8 +12,9 @@ that forgets to admit, is caught there.
 
 Key lookups are cached for ``--key-cache-seconds`` (default 10): a key revoked through this replica stops
 working at once; through another replica, within that many seconds. A key with a rate limit or a budget
-is also checked by the store on every request (admission refuses revoked keys), so for those revocation
-is immediate everywhere. A store fault fails closed: a request that needs the store gets 503.
+is admitted from this process's lease of its limits (``proxy/leases.py``), which the store grants in slices
+and refuses for a revoked key, so for those revocation reaches every replica within ``LEASE_SECONDS`` (1 s).
+A store fault fails closed: a request that needs the store (a key to look up, a lease to take) gets 503.
 """
 
 from __future__ import annotations
@@ -34,17 +35,19 @@ from starlette.types import Scope
 from proxy.budget import Price, Pricing, actual_tokens, worst_case_output
 from proxy.errors import Forbidden, ProxyError, Unauthorized
 from proxy.keys import ClientKey, KeySpecError, hash_key, key_from_spec, new_id, new_key, same_hash
-from proxy.keystore import KeyRecord, KeyStore, KeyStoreError, Settlement
+from proxy.keystore import KeyRecord, KeyStore, KeyStoreError, Settlement, merge_settlements
+from proxy.leases import Lease, Leases
 from proxy.limits import BUDGET_EXCEEDED, RATE_LIMITED, Admission, Ask
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.shapes import error_for_path
+from proxy.shapes import SHAPES, error_for_path
 
 log = logging.getLogger("bpo.clients")
 
 CLIENT = "bpo.client"  # the scope entry that carries the request's ClientContext
-# Routes that admit their own requests with the model and worst case known (``ClientContext.admit``).
-METERED_PATHS = frozenset({"/v1/chat/completions"})
+# Routes that admit their own requests with the model and worst case known (``ClientContext.admit``): the
+# rewriting routes (``RewriteService``).
+METERED_PATHS = frozenset(shape.path for shape in SHAPES)
 CLIENT_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 MAX_CACHED_KEYS = 10_000
 # The request's key, for spend the gateway causes on its behalf off the request's own code path (the llm:
@@ -104,7 +107,7 @@ class Meter:
     price: Price | None
     reserved_cost: float
     reserved_tokens: int
-    reservation: str | None
+    lease: Lease | None  # None: the key has no limits, nothing was reserved
 
     def settle(self, status: int, usage: Mapping[str, Any] | None) -> float:
         """Charge the actual cost (from the upstream's usage). With no usage on a success the worst case
@@ -117,7 +120,11 @@ class Meter:
         else:
             cost = self.price.cost(*tokens) if self.price else 0.0
             used = tokens[0] + tokens[1]
-        self.context.guard.record(self.context.key, Settlement(self.reservation, cost, used - self.reserved_tokens))
+        key, guard = self.context.key, self.context.guard
+        if self.lease is None:
+            guard.record(key, Settlement(None, cost, used - self.reserved_tokens))
+        else:
+            guard.leases.settle(key, self.lease, self.reserved_cost, cost, used - self.reserved_tokens)
         return cost
 
 
@@ -153,13 +160,13 @@ class ClientContext:
         output = worst_case_output(body, guard.settings.budget_default_max_tokens)
         tokens = sent_bytes + output
         cost = price.cost(sent_bytes, output) if price else 0.0
-        reservation = None
+        lease = None
         if key.limited:
-            reservation = await guard.admit(key, Ask(tokens, cost, guard.hold_seconds))
+            lease = await guard.admit(key, Ask(tokens, cost, guard.hold_seconds))
         else:
             guard.count(key.name, "ok")
         self.admitted = True
-        return Meter(self, model, price, cost, tokens, reservation)
+        return Meter(self, model, price, cost, tokens, lease)
 
 
 class ClientGuard:
@@ -175,6 +182,7 @@ class ClientGuard:
         self.mode = settings.client_auth
         self.active = self.mode == "on"  # read on every request: "is client auth on now?"
         self.hold_seconds = settings.upstream_timeout + 60.0
+        self.leases = Leases(self.record, clock)
         self._cache: OrderedDict[str, tuple[ClientKey | None, float]] = OrderedDict()
         self._config_keys = {key.key_hash: key for key in settings.keys}
         self._pending: dict[str, tuple[ClientKey, list[Settlement]]] = {}
@@ -191,6 +199,7 @@ class ClientGuard:
             self._tasks.append(asyncio.create_task(self._watch_auto(), name="bpo-client-auth-auto"))
 
     async def close(self) -> None:
+        self.leases.retire_all()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -273,19 +282,20 @@ class ClientGuard:
         if len(self._cache) > MAX_CACHED_KEYS:
             self._cache.popitem(last=False)
 
-    async def admit(self, key: ClientKey, ask: Ask) -> str | None:
-        """One atomic admission in the store; raises the refusal. Returns the reservation id."""
+    async def admit(self, key: ClientKey, ask: Ask) -> Lease:
+        """Admits ``ask`` from this process's lease of the key's limits, or from a new one the store grants
+        (``proxy/leases.py``); raises the refusal. Returns the lease, to settle the request against."""
         try:
-            admission = await self.store.admit(key, ask)
+            taken = await self.leases.take(key, ask, lambda most: self.store.admit(key, ask, most))
         except KeyStoreError as exc:
             log.error("key store unreachable, refusing the request: %s", exc)
             self.count(key.name, "store_unavailable")
             raise KeyStoreUnavailable("The key store is unavailable; try again shortly.",
                                       headers={"retry-after": "1"}) from exc
-        if not admission.ok:
-            raise self._refusal(key, admission)
+        if isinstance(taken, Admission):
+            raise self._refusal(key, taken)
         self.count(key.name, "ok")
-        return admission.reservation
+        return taken
 
     def _refusal(self, key: ClientKey, admission: Admission) -> ProxyError:
         headers = {"retry-after": str(admission.retry_after)} if admission.retry_after else {}
@@ -310,7 +320,8 @@ class ClientGuard:
         """Queue a finished request's account for the store; the settler writes it within ~50 ms."""
         if settlement.cost:
             self.metrics.key_spend(key.name, settlement.cost)
-        if not (settlement.cost or settlement.reservation or (key.tpm and settlement.tokens_delta)):
+        if not (settlement.cost or (settlement.reservation and settlement.release != 0)
+                or (key.tpm and settlement.tokens_delta) or (key.rpm and settlement.requests_delta)):
             return
         entry = self._pending.get(key.id)
         if entry is None:
@@ -328,7 +339,8 @@ class ClientGuard:
 
     async def _flush(self, retries: int) -> None:
         pending, self._pending = self._pending, {}
-        for key_id, (key, items) in pending.items():
+        for key_id, (key, queued) in pending.items():
+            items = merge_settlements(queued)  # once: a retry writes the same settlements (Redis skips repeats)
             for attempt in range(retries + 1):
                 try:
                     await self.store.settle(key, items)
@@ -364,6 +376,7 @@ class ClientGuard:
     async def revoke(self, key_id: str) -> bool:
         revoked = await self.store.revoke(key_id)
         self._cache.clear()  # takes effect on this replica at once
+        self.leases.retire_all()
         return revoked
 
 

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import os
 import sqlite3
 import time
@@ -29,7 +30,16 @@ import orjson
 
 from optimizer.urls import redact_url
 from proxy.keys import ClientKey, key_from_spec
-from proxy.limits import BUDGET_EXCEEDED, RATE_LIMITED, Admission, Ask, Bucket, period_start, retry_after
+from proxy.limits import (
+    BUDGET_EXCEEDED,
+    RATE_LIMITED,
+    Admission,
+    Ask,
+    Bucket,
+    lease_count,
+    period_start,
+    retry_after,
+)
 
 T = TypeVar("T")
 
@@ -61,14 +71,43 @@ class KeyRecord:
     revoked: float | None
 
 
+_SETTLEMENTS = itertools.count()
+_THIS_RUN = uuid.uuid4().hex[:16]
+
+
+def _settlement_id() -> str:
+    """Unique across replicas and restarts, without a random draw per request (one per process start)."""
+    return f"{_THIS_RUN}{os.getpid()}-{next(_SETTLEMENTS)}"
+
+
 @dataclass(frozen=True)
 class Settlement:
     """A finished request's account: its reservation released, its actual cost and token correction."""
 
     reservation: str | None
     cost: float
-    tokens_delta: int  # actual tokens minus the tokens charged at admission (tpm correction)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # a retried write applies it once (Redis)
+    tokens_delta: float  # actual tokens minus the tokens charged at admission (tpm correction)
+    # How much of the reservation this frees: None frees all of it (deletes it); a lease's requests free
+    # their part and leave the rest to the lease (``proxy/leases.py``).
+    release: float | None = None
+    requests_delta: float = 0  # rpm correction (a lease's unused requests given back)
+    id: str = field(default_factory=_settlement_id)  # a retried write applies it once (Redis)
+
+
+def merge_settlements(items: Sequence[Settlement]) -> list[Settlement]:
+    """One settlement per reservation (and one for those without): a lease's many requests become one write.
+    Freeing a whole reservation subsumes freeing parts of it."""
+    merged: dict[str | None, Settlement] = {}
+    for item in items:
+        seen = merged.get(item.reservation)
+        if seen is None:
+            merged[item.reservation] = item
+            continue
+        release = None if seen.release is None or item.release is None else seen.release + item.release
+        merged[item.reservation] = Settlement(item.reservation, seen.cost + item.cost,
+                                              seen.tokens_delta + item.tokens_delta, release,
+                                              seen.requests_delta + item.requests_delta)
+    return list(merged.values())
 
 
 class KeyStore(Protocol):
@@ -100,7 +139,10 @@ class KeyStore(Protocol):
         """Active keys (``--client-auth auto`` turns on when there is one)."""
         ...
 
-    async def admit(self, key: ClientKey, ask: Ask) -> Admission: ...
+    async def admit(self, key: ClientKey, ask: Ask, most: int = 1) -> Admission:
+        """Admit ``ask``, and up to ``most`` requests like it as one lease (``limits.lease_count``): rpm, tpm
+        and the budget's reservation are charged for all of them."""
+        ...
 
     async def settle(self, key: ClientKey, settlements: Sequence[Settlement]) -> None: ...
 
@@ -239,10 +281,10 @@ class SqliteKeyStore:
             return 0
         return int(db.execute("SELECT count(*) FROM keys WHERE revoked IS NULL").fetchone()[0])
 
-    async def admit(self, key: ClientKey, ask: Ask) -> Admission:
-        return await self._run(lambda: self._admit(key, ask))
+    async def admit(self, key: ClientKey, ask: Ask, most: int = 1) -> Admission:
+        return await self._run(lambda: self._admit(key, ask, most))
 
-    def _admit(self, key: ClientKey, ask: Ask) -> Admission:
+    def _admit(self, key: ClientKey, ask: Ask, most: int = 1) -> Admission:
         db = self._existing()
         if db is None:
             raise sqlite3.OperationalError("no key store file (was it deleted?)")
@@ -254,18 +296,20 @@ class SqliteKeyStore:
             if row is None or row[7] is not None:
                 return Admission(False, "invalid_api_key")
             state = _UsageRow(*row[:7])
-            refused = state.refusal(key, ask, now, self._reserved(db, key.id, now, ask.cost))
+            reserved = self._reserved(db, key.id, now, ask.cost)
+            refused = state.refusal(key, ask, now, reserved)
             if refused is not None:
                 return refused
-            state.charge(key, ask, now)
+            count = state.lease_count(key, ask, now, reserved, most)
+            state.charge(key, ask, now, count)
             db.execute("UPDATE usage SET period_spend = ?, period_start = ?, rpm_level = ?, rpm_at = ?,"
                        " tpm_level = ?, tpm_at = ? WHERE key_id = ?", (*state.admission_columns(), key.id))
             reservation = None
             if key.max_budget_usd is not None and ask.cost > 0:
                 reservation = reservation_id()
                 db.execute("INSERT INTO reservations (id, key_id, cost, expires) VALUES (?, ?, ?, ?)",
-                           (reservation, key.id, ask.cost, now + ask.hold_seconds))
-            return Admission(True, reservation=reservation)
+                           (reservation, key.id, ask.cost * count, now + ask.hold_seconds))
+            return Admission(True, reservation=reservation, granted=count)
 
     @staticmethod
     def _reserved(db: sqlite3.Connection, key_id: str, now: float, cost: float) -> float:
@@ -289,11 +333,15 @@ class SqliteKeyStore:
             state = _UsageRow(*row)
             for item in settlements:
                 state.settle(key, item, now)
-                if item.reservation:
+                if item.reservation and item.release is None:
                     db.execute("DELETE FROM reservations WHERE id = ?", (item.reservation,))
-            db.execute("UPDATE usage SET spend = ?, period_spend = ?, period_start = ?, tpm_level = ?, tpm_at = ? "
-                       "WHERE key_id = ?", (state.spend, state.period_spend, state.period_start, state.tpm.level,
-                                            state.tpm.at, key.id))
+                elif item.reservation and item.release:
+                    db.execute("UPDATE reservations SET cost = max(0, cost - ?) WHERE id = ?",
+                               (item.release, item.reservation))
+            db.execute("UPDATE usage SET spend = ?, period_spend = ?, period_start = ?, rpm_level = ?, rpm_at = ?, "
+                       "tpm_level = ?, tpm_at = ? WHERE key_id = ?",
+                       (state.spend, state.period_spend, state.period_start, state.rpm.level, state.rpm.at,
+                        state.tpm.level, state.tpm.at, key.id))
 
 
 class _UsageRow:
@@ -327,11 +375,24 @@ class _UsageRow:
                 return Admission(False, BUDGET_EXCEEDED, retry_after(wait) if wait is not None else None)
         return None
 
-    def charge(self, key: ClientKey, ask: Ask, now: float) -> None:
+    def lease_count(self, key: ClientKey, ask: Ask, now: float, reserved: float, most: int) -> int:
+        """How many requests like ``ask`` to admit at once (``proxy.limits.lease_count``)."""
+        if most <= 1:
+            return 1
+        free = []
         if key.rpm:
-            self.rpm.add(key.rpm, 1, now)
+            free.append((key.rpm - self.rpm.drained(key.rpm, now), 1.0))
         if key.tpm and ask.tokens:
-            self.tpm.add(key.tpm, ask.tokens, now)
+            free.append((key.tpm - self.tpm.drained(key.tpm, now), float(min(ask.tokens, key.tpm))))
+        if key.max_budget_usd is not None:
+            free.append((key.max_budget_usd - self.counted_spend() - reserved, ask.cost))
+        return lease_count(most, *free)
+
+    def charge(self, key: ClientKey, ask: Ask, now: float, count: int = 1) -> None:
+        if key.rpm:
+            self.rpm.add(key.rpm, count, now)
+        if key.tpm and ask.tokens:
+            self.tpm.add(key.tpm, min(ask.tokens, key.tpm) * count, now)
 
     def admission_columns(self) -> tuple[float, ...]:
         return (self.period_spend, self.period_start, self.rpm.level, self.rpm.at, self.tpm.level, self.tpm.at)
@@ -341,8 +402,9 @@ class _UsageRow:
         self.spend += item.cost
         self.period_spend += item.cost
         if key.tpm and item.tokens_delta:
-            drained = self.tpm.drained(key.tpm, now)
-            self.tpm.level, self.tpm.at = max(0.0, drained + item.tokens_delta), now
+            self.tpm.add(key.tpm, item.tokens_delta, now)
+        if key.rpm and item.requests_delta:
+            self.rpm.add(key.rpm, item.requests_delta, now)
 
 
 class _transaction:

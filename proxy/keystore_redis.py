@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from optimizer.urls import redact_url
 from proxy.keys import ClientKey, key_from_spec
 from proxy.keystore import KeyRecord, KeyStoreError, Settlement, reservation_id
-from proxy.limits import Admission, Ask
+from proxy.limits import LEASE_SHARE, Admission, Ask
 
 T = TypeVar("T")
 NAMESPACE = "bpo:keys"
@@ -50,7 +50,8 @@ end
 """
 
 # KEYS: definition, usage, reservations. ARGV: rpm, tpm, budget (-1: none), period seconds, tokens, cost,
-# hold seconds, reservation id. Returns {admitted, code, retry-after seconds}.
+# hold seconds, reservation id, most requests to admit at once, lease share. Returns {admitted, code,
+# retry-after seconds, requests admitted} (``proxy.limits.lease_count`` says how many).
 ADMIT = _CLOCK + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'revoked') == 1 then
   return {0, 'invalid_api_key', 0}
@@ -73,6 +74,11 @@ if tpm > 0 and tokens > 0 then
   if excess > 1e-9 then wait = math.max(wait, excess * 60 / tpm) end
 end
 if wait > 0 then return {0, 'rate_limit_exceeded', math.max(1, math.ceil(wait))} end
+local most, share = tonumber(ARGV[9]), tonumber(ARGV[10])
+local n = most
+local function fit(free, need) if need > 0 then n = math.min(n, math.floor(free * share / need)) end end
+if rpm > 0 then fit(rpm - rl, 1) end
+if tpm > 0 and tokens > 0 then fit(tpm - tl, math.min(tokens, tpm)) end
 if budget >= 0 then
   local counted = spend
   if period > 0 then counted = pspend end
@@ -89,37 +95,52 @@ if budget >= 0 then
     if period > 0 then w = math.max(1, math.ceil(pstart + period - now)) end
     return {0, 'budget_exceeded', w}
   end
-  if cost > 0 then redis.call('HSET', KEYS[3], ARGV[8], fmt(cost) .. ':' .. fmt(now + hold)) end
+  fit(budget - counted - reserved, cost)
+  n = math.max(1, n)
+  if cost > 0 then redis.call('HSET', KEYS[3], ARGV[8], fmt(cost * n) .. ':' .. fmt(now + hold)) end
 end
-if rpm > 0 then redis.call('HSET', KEYS[2], 'rpm_level', fmt(rl + 1), 'rpm_at', fmt(now)) end
+n = math.max(1, n)
+if rpm > 0 then redis.call('HSET', KEYS[2], 'rpm_level', fmt(rl + n), 'rpm_at', fmt(now)) end
 if tpm > 0 and tokens > 0 then
-  redis.call('HSET', KEYS[2], 'tpm_level', fmt(tl + math.min(tokens, tpm)), 'tpm_at', fmt(now))
+  redis.call('HSET', KEYS[2], 'tpm_level', fmt(tl + math.min(tokens, tpm) * n), 'tpm_at', fmt(now))
 end
 redis.call('HSET', KEYS[2], 'period_start', fmt(pstart), 'period_spend', fmt(pspend))
-return {1, '', 0}
+return {1, '', 0, n}
 """
 
-# KEYS: usage, reservations, settled ids. ARGV: tpm, period seconds, then (settlement id, reservation id or '',
-# cost, tokens delta)... A settlement already applied (a retry after a timeout whose first try landed) is
-# skipped: its id stays in the settled set for a day.
+# KEYS: usage, reservations, settled ids. ARGV: rpm, tpm, period seconds, then (settlement id, reservation id
+# or '', cost, tokens delta, release ('': the whole reservation), requests delta)... A settlement already
+# applied (a retry after a timeout whose first try landed) is skipped: its id stays in the settled set for a day.
 SETTLE = _CLOCK + """
-local tpm, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rpm, tpm, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 86400)
-local u = redis.call('HMGET', KEYS[1], 'spend', 'period_spend', 'period_start', 'tpm_level', 'tpm_at')
+local u = redis.call('HMGET', KEYS[1], 'spend', 'period_spend', 'period_start', 'tpm_level', 'tpm_at',
+                     'rpm_level', 'rpm_at')
 local spend, pstart, pspend = num(u[1]), num(u[3]), num(u[2])
 pstart, pspend = roll(pstart, pspend, period)
-local tl = num(u[4])
+local tl, rl = num(u[4]), num(u[6])
 if tpm > 0 then tl = drained(tl, num(u[5]), tpm) end
-for i = 3, #ARGV, 4 do
+if rpm > 0 then rl = drained(rl, num(u[7]), rpm) end
+for i = 4, #ARGV, 6 do
   if redis.call('ZADD', KEYS[3], 'NX', now, ARGV[i]) == 1 then
-    if ARGV[i + 1] ~= '' then redis.call('HDEL', KEYS[2], ARGV[i + 1]) end
+    local resv, release = ARGV[i + 1], ARGV[i + 4]
+    if resv ~= '' and release == '' then
+      redis.call('HDEL', KEYS[2], resv)
+    elseif resv ~= '' then
+      local held = redis.call('HGET', KEYS[2], resv)
+      if held then
+        local c, e = string.match(held, '^([^:]+):([^:]+)$')
+        redis.call('HSET', KEYS[2], resv, fmt(math.max(0, tonumber(c) - tonumber(release))) .. ':' .. e)
+      end
+    end
     spend = spend + tonumber(ARGV[i + 2])
     pspend = pspend + tonumber(ARGV[i + 2])
     tl = math.max(0, tl + tonumber(ARGV[i + 3]))
+    rl = math.max(0, rl + tonumber(ARGV[i + 5]))
   end
 end
 redis.call('HSET', KEYS[1], 'spend', fmt(spend), 'period_spend', fmt(pspend), 'period_start', fmt(pstart),
-           'tpm_level', fmt(tl), 'tpm_at', fmt(now))
+           'tpm_level', fmt(tl), 'tpm_at', fmt(now), 'rpm_level', fmt(rl), 'rpm_at', fmt(now))
 return 1
 """
 
@@ -229,23 +250,25 @@ class RedisKeyStore:
     async def count(self) -> int:
         return int(await self._call(self._client.scard(self._active)))
 
-    async def admit(self, key: ClientKey, ask: Ask) -> Admission:
+    async def admit(self, key: ClientKey, ask: Ask, most: int = 1) -> Admission:
         budget = -1.0 if key.max_budget_usd is None else key.max_budget_usd
         reservation = reservation_id()
         reply = await self._call(self._admit(
             keys=[self._key(key.id, "def"), self._key(key.id, "usage"), self._key(key.id, "resv")],
             args=[key.rpm or 0, key.tpm or 0, repr(budget), key.period_seconds, ask.tokens, repr(ask.cost),
-                  repr(ask.hold_seconds), reservation]))
+                  repr(ask.hold_seconds), reservation, most, repr(LEASE_SHARE)]))
         admitted, code, wait = int(reply[0]), _text(reply[1]), int(reply[2])
         if admitted:
             held = key.max_budget_usd is not None and ask.cost > 0
-            return Admission(True, reservation=reservation if held else None)
+            return Admission(True, reservation=reservation if held else None, granted=int(reply[3]))
         return Admission(False, code, wait or None)
 
     async def settle(self, key: ClientKey, settlements: Sequence[Settlement]) -> None:
-        args: list[Any] = [key.tpm or 0, key.period_seconds]
+        args: list[Any] = [key.rpm or 0, key.tpm or 0, key.period_seconds]
         for item in settlements:
-            args += [item.id, item.reservation or "", repr(item.cost), item.tokens_delta]
+            release = "" if item.release is None else repr(item.release)
+            args += [item.id, item.reservation or "", repr(item.cost), repr(float(item.tokens_delta)), release,
+                     repr(float(item.requests_delta))]
         keys = [self._key(key.id, "usage"), self._key(key.id, "resv"), self._key(key.id, "settled")]
         await self._call(self._settle(keys=keys, args=args))
 

@@ -11,6 +11,10 @@ The rule (the SQLite store runs it in a transaction, the Redis store as the Lua 
   reservation. A request fits when spend + open reservations + its own worst-case cost stays within
   ``max_budget_usd``; a key whose spend has reached its budget is refused even a free request. A
   reservation expires after ``hold`` seconds, so a replica that died mid-request cannot hold budget forever.
+- A lease (``proxy/leases.py``) is the same step for ``n`` requests like the one asking, ``n`` from
+  ``lease_count``: rpm and tpm are charged ``n`` times, ``n`` worst cases reserved in one reservation. What
+  a lease does not use is given back later (negative bucket charges, a smaller reservation); a bucket that
+  drained meanwhile ends where it would have been had the unused part never been charged.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Admission:
     code: str | None = None
     retry_after: int | None = None
     reservation: str | None = None
+    granted: int = 1  # requests like the one asking that were admitted (a lease's size)
 
 
 @dataclass
@@ -61,7 +66,9 @@ class Bucket:
         return None if excess <= 1e-9 else excess / (limit / WINDOW_SECONDS)
 
     def add(self, limit: int, amount: float, now: float) -> None:
-        self.level = max(0.0, self.drained(limit, now) + min(amount, float(limit)))
+        """Charge ``amount`` (the caller caps a single request at the limit); a negative amount corrects an
+        earlier charge (actual minus charged tokens, a lease's unused requests given back)."""
+        self.level = max(0.0, self.drained(limit, now) + amount)
         self.at = now
 
 
@@ -77,3 +84,19 @@ def period_start(now: float, period_seconds: int, started: float) -> float:
     if started <= 0 or now >= started + period_seconds:
         return now - (now - started) % period_seconds if started > 0 else now
     return started
+
+
+# Leases (``proxy/leases.py``): a process admits from a slice of a key's limits taken in one store step.
+LEASE_SHARE = 0.1  # a slice holds at most this share of what is free in each limited dimension
+LEASE_MAX_REQUESTS = 100  # and at most this many requests
+
+
+def lease_count(most: int, *free_and_need: tuple[float, float]) -> int:
+    """How many requests like the one asking a slice may hold: at most ``most`` and at most ``LEASE_SHARE``
+    of what is free in each limited dimension, given as (free, need per request); at least the one asking
+    (the caller has checked that it fits). Close to a limit a slice is one request."""
+    count = most
+    for free, need in free_and_need:
+        if need > 0:
+            count = min(count, int(free * LEASE_SHARE / need))
+    return max(1, count)

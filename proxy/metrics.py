@@ -62,6 +62,8 @@ REQUEST_SECONDS = Series("bpo_request_seconds", "End-to-end time of a request on
 UPSTREAM_SECONDS = Series("bpo_upstream_seconds", "Time until the upstream's response headers", ("arm",))
 UPSTREAM_TOKENS = Series("bpo_upstream_tokens_total", "Tokens the upstream reported in usage", ("arm", "kind"))
 CACHE_EVENTS = Series("bpo_cache_events_total", "Rewrite cache lookups", ("result",))
+CLIENT_REQUESTS = Series("bpo_client_requests_total", "Client-key checks by outcome", ("key_name", "outcome"))
+KEY_SPEND = Series("bpo_key_spend_usd_total", "USD charged to client keys", ("key_name",))
 
 
 def _native_counter(series: Series, registry: CollectorRegistry) -> Counter:
@@ -130,8 +132,10 @@ class _LoopRequestMetrics:
         self.upstream_seconds = LoopHistogram(UPSTREAM_SECONDS, buckets=LATENCY_BUCKETS)
         self.upstream_tokens = LoopCounter(UPSTREAM_TOKENS)
         self.cache_events = LoopCounter(CACHE_EVENTS)
+        self.client_requests = LoopCounter(CLIENT_REQUESTS)
+        self.key_spend = LoopCounter(KEY_SPEND)
         for collector in (self.requests, self.request_seconds, self.upstream_seconds, self.upstream_tokens,
-                          self.cache_events):
+                          self.cache_events, self.client_requests, self.key_spend):
             registry.register(collector)  # type: ignore[arg-type]  # a Collector by shape
 
     def observe(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
@@ -148,6 +152,12 @@ class _LoopRequestMetrics:
     def cache_event(self, result: str) -> None:
         self.cache_events.inc((result,))
 
+    def client_request(self, key_name: str, outcome: str) -> None:
+        self.client_requests.inc((key_name, outcome))
+
+    def key_spend_usd(self, key_name: str, usd: float) -> None:
+        self.key_spend.inc((key_name,), usd)
+
 
 class _SharedRequestMetrics:
     """The same series as prometheus_client metrics: with ``--workers`` each process's samples go to files
@@ -159,6 +169,8 @@ class _SharedRequestMetrics:
         self.upstream_seconds = _native_histogram(UPSTREAM_SECONDS, registry, buckets=LATENCY_BUCKETS)
         self.upstream_tokens = _native_counter(UPSTREAM_TOKENS, registry)
         self.cache_events = _native_counter(CACHE_EVENTS, registry)
+        self.client_requests = _native_counter(CLIENT_REQUESTS, registry)
+        self.key_spend = _native_counter(KEY_SPEND, registry)
         # Labelled children, looked up once: labels() takes a lock and checks its arguments on every call.
         self._children: dict[tuple[str, ...], Any] = {}
 
@@ -182,6 +194,12 @@ class _SharedRequestMetrics:
 
     def cache_event(self, result: str) -> None:
         self._child(self.cache_events, result).inc()
+
+    def client_request(self, key_name: str, outcome: str) -> None:
+        self._child(self.client_requests, key_name, outcome).inc()
+
+    def key_spend_usd(self, key_name: str, usd: float) -> None:
+        self._child(self.key_spend, key_name).inc(usd)
 
 
 class Metrics:
@@ -215,24 +233,13 @@ class Metrics:
                                       "Sampled treatment requests not judged (budget, busy, incomplete, ...)",
                                       ["reason"], registry=r)
         # key_name: names of configured keys only ("" for a request without a valid key), so bounded.
-        self.client_requests = Counter("bpo_client_requests_total", "Client-key checks by outcome",
-                                       ["key_name", "outcome"], registry=r)
-        self.key_spend_usd = Counter("bpo_key_spend_usd_total", "USD charged to client keys",
-                                     ["key_name"], registry=r)
-        self._client_children: dict[tuple[str, ...], Any] = {}
 
     def client_request(self, key_name: str, outcome: str) -> None:
         """One client-key check: ok, invalid_key, model_not_allowed, rate_limited, budget_exceeded, ..."""
-        child = self._client_children.get((key_name, outcome))
-        if child is None:
-            child = self._client_children[(key_name, outcome)] = self.client_requests.labels(key_name, outcome)
-        child.inc()
+        self.per_request.client_request(key_name, outcome)
 
     def key_spend(self, key_name: str, usd: float) -> None:
-        child = self._client_children.get((key_name,))
-        if child is None:
-            child = self._client_children[(key_name,)] = self.key_spend_usd.labels(key_name)
-        child.inc(usd)
+        self.per_request.key_spend_usd(key_name, usd)
 
     def observe_request(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
                         usage: Mapping[str, Any] | None, route: str = "chat") -> None:

@@ -141,6 +141,23 @@ def test_rpm_is_429_rate_limit_exceeded_with_retry_after(keyed: RunningProxy) ->
         client.models.list()
 
 
+def test_each_rewriting_route_counts_a_request_once_against_rpm(start_proxy: StartProxy, upstream: FakeUpstream,
+                                                                tmp_path: Path) -> None:
+    """The Responses and Messages routes admit their requests themselves: the every-route check must not
+    count them a second time."""
+    keyed = start_proxy(admin_key=ADMIN_KEY, key_store=f"sqlite:{tmp_path / 'keys.db'}", optimizer="none",
+                        anthropic_base_url=upstream.base_url)
+    key = create_key(keyed.url, rpm=3)["key"]
+    sdk(keyed, key).responses.create(model="fake-model", input="Tell me about black holes.")
+    anthropic_shaped = {"model": "fake-model", "max_tokens": 100, "messages": MESSAGES}
+    answered = httpx.post(f"{keyed.url}/v1/messages", json=anthropic_shaped, timeout=30,
+                          headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
+    assert answered.status_code == 200, answered.text
+    sdk(keyed, key).chat.completions.create(model="fake-model", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError):
+        sdk(keyed, key).responses.create(model="fake-model", input="And about neutron stars?")
+
+
 def test_a_spent_budget_is_budget_exceeded(keyed: RunningProxy, upstream: FakeUpstream) -> None:
     upstream.responders["/v1/chat/completions"] = worst_case_billing()
     created = create_key(keyed.url, max_budget_usd=1.5)

@@ -240,3 +240,46 @@ async def test_a_settlement_written_twice_counts_once_on_redis(open_store: OpenS
         await store.settle(key, [settlement])
     [record] = await store.list_keys()
     assert record.spend_usd == pytest.approx(0.4)
+
+
+async def test_a_lease_is_a_tenth_of_what_is_free_and_is_charged_in_full(open_store: OpenStore) -> None:
+    store = await started(open_store())
+    key = make_key(rpm=600, max_budget_usd=100.0)
+    await store.put(key)
+    lease = await store.admit(key, Ask(0, 0.5, 60), most=100)
+    assert lease.ok and lease.granted == 20  # the budget's 100 / 0.5 = 200 requests free, a tenth of them
+    second = await store.admit(key, Ask(0, 0.5, 60), most=100)
+    assert second.ok and second.granted == 18  # rpm: 600 - 20 = 580 free, 58; budget: 90 / 0.5 = 180, 18
+    near_the_end = make_key(rpm=5)
+    await store.put(near_the_end)
+    assert [(await store.admit(near_the_end, ASK, most=100)).granted for _ in range(5)] == [1] * 5
+    assert not (await store.admit(near_the_end, ASK, most=100)).ok
+
+
+async def test_a_lease_settles_in_parts_then_gives_back_what_it_did_not_use(open_store: OpenStore) -> None:
+    store = await started(open_store())
+    key = make_key(rpm=1000, max_budget_usd=10.0)
+    await store.put(key)
+    lease = await store.admit(key, Ask(0, 0.1, 60), most=10)  # 10 requests' worth: $1.0 reserved, rpm 10
+    assert lease.granted == 10
+    # Two requests settled at $0.05 each (the reservation shrinks by what they cost), then the lease retires
+    # with 8 requests and $0.8 unused, then its last request settles and closes the reservation.
+    await store.settle(key, [Settlement(lease.reservation, 0.05, 0, 0.05) for _ in range(2)])
+    await store.settle(key, [Settlement(lease.reservation, 0.0, 0, 0.8, -8)])
+    assert (await store.admit(key, Ask(0, 9.8, 60))).ok  # 10 - 0.1 spent - 0.1 still held by the last request
+    assert not (await store.admit(key, Ask(0, 0.01, 60))).ok
+    [record] = [r for r in await store.list_keys() if r.key.id == key.id]
+    assert record.spend_usd == pytest.approx(0.1)
+
+
+async def test_given_back_requests_free_the_rate_limit(open_store: OpenStore) -> None:
+    store = await started(open_store())
+    key = make_key(rpm=20)
+    await store.put(key)
+    lease = await store.admit(key, ASK, most=100)
+    assert lease.granted == 2
+    for _ in range(18):
+        assert (await store.admit(key, ASK)).ok
+    assert not (await store.admit(key, ASK)).ok
+    await store.settle(key, [Settlement(None, 0.0, 0, None, -2)])  # the lease used none of its two
+    assert (await store.admit(key, ASK)).ok

@@ -1,0 +1,153 @@
+"""Leases of a key's limits (proxy/leases.py) over a real SQLite store: local admission that never overspends."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy import leases as leases_module
+from proxy.keys import ClientKey, hash_key, new_id
+from proxy.keystore import Settlement, SqliteKeyStore, merge_settlements
+from proxy.leases import Lease, Leases
+from proxy.limits import Admission, Ask
+
+
+def make_key(**limits: object) -> ClientKey:
+    return ClientKey(id=new_id(), name="team-" + uuid.uuid4().hex[:6], key_hash=hash_key(uuid.uuid4().hex),
+                     **limits)  # type: ignore[arg-type]
+
+
+class Replica:
+    """One process's leases over the shared store, its settlements written when ``flush`` is called."""
+
+    def __init__(self, store: SqliteKeyStore) -> None:
+        self.store = store
+        self.queued: list[tuple[ClientKey, Settlement]] = []
+        self.store_calls = 0
+        self.leases = Leases(lambda key, item: self.queued.append((key, item)), asyncio.get_running_loop().time)
+
+    async def take(self, key: ClientKey, ask: Ask) -> Lease | Admission:
+        async def from_store(most: int) -> Admission:
+            self.store_calls += 1
+            return await self.store.admit(key, ask, most)
+
+        return await self.leases.take(key, ask, from_store)
+
+    async def flush(self) -> None:
+        queued, self.queued = self.queued, []
+        for key, item in queued:
+            await self.store.settle(key, [item])
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteKeyStore]:
+    opened = SqliteKeyStore(str(tmp_path / "keys.db"))
+    await opened.start()
+    yield opened
+    await opened.close()
+
+
+async def spend_of(store: SqliteKeyStore, key: ClientKey) -> float:
+    [record] = [r for r in await store.list_keys() if r.key.id == key.id]
+    return record.spend_usd
+
+
+async def test_many_requests_at_once_take_one_lease(store: SqliteKeyStore) -> None:
+    key = make_key(rpm=10_000)
+    await store.put(key)
+    replica = Replica(store)
+    taken = await asyncio.gather(*(replica.take(key, Ask(0, 0.0, 60)) for _ in range(50)))
+    assert all(isinstance(lease, Lease) for lease in taken)
+    assert replica.store_calls == 1  # one lease of 100 requests (a tenth of 10,000 free, at most 100)
+    assert len({id(lease) for lease in taken}) == 1
+
+
+async def test_a_spent_lease_is_replaced_and_the_next_one_is_smaller_near_the_limit(store: SqliteKeyStore) -> None:
+    key = make_key(rpm=100)
+    await store.put(key)
+    replica = Replica(store)
+    granted = []
+    for _ in range(100):
+        lease = await replica.take(key, Ask(0, 0.0, 60))
+        assert isinstance(lease, Lease)
+        if not granted or lease is not granted[-1]:
+            granted.append(lease)
+    refused = await replica.take(key, Ask(0, 0.0, 60))
+    assert isinstance(refused, Admission) and refused.code == "rate_limit_exceeded"
+    # 10 of 100 free, then 9 of 90, ... down to one request a lease: all 100 requests, never the 101st.
+    assert 10 < replica.store_calls < 100
+
+
+async def test_thirty_requests_on_two_replicas_never_overspend_a_budget_for_ten(store: SqliteKeyStore) -> None:
+    key = make_key(max_budget_usd=1.0)
+    await store.put(key)
+    first, second = Replica(store), Replica(store)
+    ask = Ask(0, 0.1, 60)
+    taken = await asyncio.gather(*(replica.take(key, ask) for replica in [first, second] * 15))
+    admitted = [(replica, lease) for replica, lease in zip([first, second] * 15, taken, strict=True)
+                if isinstance(lease, Lease)]
+    assert len(admitted) == 10
+    assert {lease.code for lease in taken if isinstance(lease, Admission)} == {"budget_exceeded"}
+    for replica, lease in admitted:  # each cost exactly its worst case
+        replica.leases.settle(key, lease, 0.1, 0.1, 0)
+    await first.flush()
+    await second.flush()
+    assert await spend_of(store, key) == pytest.approx(1.0)
+    assert isinstance(await first.take(key, Ask(0, 0.01, 60)), Admission)
+
+
+async def test_a_cheaper_answer_returns_the_rest_of_its_worst_case_to_the_lease(store: SqliteKeyStore) -> None:
+    key = make_key(max_budget_usd=100.0)
+    await store.put(key)
+    replica = Replica(store)
+    lease = await replica.take(key, Ask(0, 1.0, 60))
+    assert isinstance(lease, Lease) and lease.usd == pytest.approx(9.0)  # 10 requests' worth, one taken
+    replica.leases.settle(key, lease, 1.0, 0.25, 0)
+    assert lease.usd == pytest.approx(9.75)
+    await replica.flush()
+    assert await spend_of(store, key) == pytest.approx(0.25)
+
+
+async def test_an_idle_lease_gives_back_what_it_did_not_use(store: SqliteKeyStore,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leases_module, "LEASE_SECONDS", 0.2)
+    key = make_key(rpm=200, max_budget_usd=10.0)
+    await store.put(key)
+    first, second = Replica(store), Replica(store)
+    lease = await first.take(key, Ask(0, 0.5, 60))  # 2 requests' worth: $1 held, one taken
+    assert isinstance(lease, Lease) and lease.usd == pytest.approx(0.5)
+    await asyncio.sleep(0.5)
+    assert lease.retired
+    [(_, given_back)] = first.queued
+    assert given_back.release == pytest.approx(0.5) and given_back.requests_delta == -1
+    await first.flush()
+    # The other replica can now reserve all but the one request still in flight on the first.
+    assert isinstance(await second.take(key, Ask(0, 9.5, 60)), Lease)
+    first.leases.settle(key, lease, 0.5, 0.5, 0)  # the last request of a retired lease closes its reservation
+    [(_, closing)] = first.queued
+    assert closing.release is None and closing.cost == 0.5
+
+
+async def test_revocation_retires_this_replicas_leases(store: SqliteKeyStore) -> None:
+    key = make_key(rpm=1000)
+    await store.put(key)
+    replica = Replica(store)
+    assert isinstance(await replica.take(key, Ask(0, 0.0, 60)), Lease)
+    await store.revoke(key.id)
+    replica.leases.retire_all()
+    refused = await replica.take(key, Ask(0, 0.0, 60))
+    assert isinstance(refused, Admission) and refused.code == "invalid_api_key"
+
+
+def test_settlements_of_one_lease_merge_into_one_write() -> None:
+    parts = [Settlement("r1", 0.1, -5, 0.1), Settlement("r1", 0.2, 3, 0.2), Settlement(None, 0.5, 0),
+             Settlement("r2", 0.0, 0, 0.3, -2)]
+    merged = {item.reservation: item for item in merge_settlements(parts)}
+    assert merged["r1"].cost == pytest.approx(0.3) and merged["r1"].release == pytest.approx(0.3)
+    assert merged["r1"].tokens_delta == -2 and merged[None].cost == 0.5 and merged["r2"].requests_delta == -2
+    closing = merge_settlements([Settlement("r1", 0.1, 0, 0.1), Settlement("r1", 0.1, 0, None)])
+    assert len(closing) == 1 and closing[0].release is None and closing[0].cost == pytest.approx(0.2)
