@@ -116,8 +116,9 @@ class RewriteService:
         if client is not None:
             ctx.meter = await self._admit(client, ctx)
         try:
-            rewrite = self._rewrite(ctx) if self.tracing is None else self._traced_rewrite(ctx, self.tracing)
-            ctx.rewritten = await watch.guard(OPTIMIZER, rewrite)
+            with watch.stage(OPTIMIZER):
+                ctx.rewritten = await (self._rewrite(ctx) if self.tracing is None
+                                       else self._traced_rewrite(ctx, self.tracing))
         except ClientGone:
             if ctx.meter is not None:
                 ctx.meter.settle(499, None)  # nothing was sent: nothing spent, the reservation released
@@ -132,10 +133,9 @@ class RewriteService:
         # Overhead so far; the relay adds nothing but byte copies after the upstream's headers arrive.
         extra = self._bpo_headers(ctx)
         try:
-            call = self.upstream.send(ctx, extra, lambda done: self._finish(ctx))
-            if self.tracing is not None:
-                call = self._traced_call(ctx, self.tracing, call)
-            response = await watch.guard(UPSTREAM, call)
+            with watch.stage(UPSTREAM):
+                call = self.upstream.send(ctx, extra, lambda done: self._finish(ctx))
+                response = await (call if self.tracing is None else self._traced_call(ctx, self.tracing, call))
         except ProxyError as exc:  # the upstream failed: still this route's answer, headed and counted
             ctx.exchange.status, ctx.exchange.error = exc.status, exc.message
             self._finish(ctx)
