@@ -108,7 +108,9 @@ def main() -> None:
         sqlite = ["--key-store", f"sqlite:{directory / 'keys.db'}"]
         redis_store = ["--key-store", args.redis, "--cache-namespace", namespace]
         targets = {
-            "no client auth": ([*serve, "--client-auth", "off", "--port"], "sk-bench"),
+            # Its own store: with client auth off the config's keys are still written to one (the default is
+            # ./bpo-keys.db, which a later gateway started here would find and turn client auth on for).
+            "no client auth": ([*serve, *sqlite, "--client-auth", "off", "--port"], "sk-bench"),
             "auth only, sqlite": ([*serve, *sqlite, "--port"], AUTH_ONLY),
             "auth + limits + budget, sqlite": ([*serve, *sqlite, "--port"], LIMITED),
             "auth only, redis": ([*serve, *redis_store, "--port"], AUTH_ONLY),

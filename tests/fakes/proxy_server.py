@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_settings(**values: Any) -> Settings:
-    """Settings from keyword flags only (the test's environment never leaks in)."""
+    """Settings from keyword flags only: neither the test's environment nor a key store that happens to be in
+    the working directory (the default ``sqlite:bpo-keys.db``) leaks in."""
+    values.setdefault("key_store", f"sqlite:{tempfile.mkdtemp(prefix='bpo-test-keys-')}/keys.db")
     return load_settings(values, environ={})
 
 
@@ -76,7 +79,9 @@ class ProxyProcess(_OnLoopback):
     def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
         self.args = ["--port", str(self.port), *args]
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        # Never the repository's own ./bpo-keys.db (the default store): a test that wants a store names one.
+        private_store = f"sqlite:{tempfile.mkdtemp(prefix='bpo-test-keys-')}/keys.db"
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "BPO_KEY_STORE": private_store, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> ProxyProcess:
