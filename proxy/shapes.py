@@ -3,8 +3,9 @@
 Chat completions, the Responses API and Anthropic's Messages API all hold a conversation as a list of items
 (``messages`` / ``input``) whose user items carry a content value ``proxy/rewrite.py`` understands: a string
 or a list of parts, some of them text. A ``Shape`` names the list, the text part types, which items are the
-user's, the structured-output switch and the error body; everything else (A/B, cache, guard, headers,
-metrics, events) is the one pipeline in ``proxy/serving.py``.
+user's, the structured-output switch, the error body and the reader of its answers' text
+(``proxy/answers.py``); everything else (A/B, cache, guard, headers, metrics, events, shadow judge) is the one
+pipeline in ``proxy/serving.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from proxy.answers import chat_answer_text, messages_answer_text, responses_answer_text
 from proxy.errors import ProxyError, error_response
 from proxy.protocol import WireRequest, parse_chat_request, parse_messages_request, parse_responses_request
 from proxy.rewrite import UserTurn, put_back, turn_prompt
@@ -67,6 +69,7 @@ class Shape:
     parse: Callable[[bytes, str | None], WireRequest]
     json_schema: Callable[[Mapping[str, Any]], bool]  # the client asked for output that fits a schema
     error_response: Callable[[ProxyError], Response]
+    answer_text: Callable[[bytes], str | None]  # a response's answer text (plain or SSE), None when it has none
 
     def newest_turn(self, body: Mapping[str, Any]) -> UserTurn | None:
         """The last item's prompt when that item is the user's and holds text; None for any other turn."""
@@ -109,13 +112,15 @@ class Shape:
 
 CHAT = Shape("chat", "/v1/chat/completions", "messages", frozenset({"text"}), _is_user_message,
              parse_chat_request, lambda body: _format_type(body.get("response_format")) == "json_schema",
-             _openai_error)
+             _openai_error, chat_answer_text)
 RESPONSES = Shape("responses", "/v1/responses", "input", frozenset({"input_text"}), _is_user_input,
                   parse_responses_request,
-                  lambda body: _format_type(_format_of(body.get("text"))) == "json_schema", _openai_error)
+                  lambda body: _format_type(_format_of(body.get("text"))) == "json_schema", _openai_error,
+                  responses_answer_text)
 MESSAGES = Shape("messages", "/v1/messages", "messages", frozenset({"text"}), _is_user_message,
                  parse_messages_request,
-                 lambda body: _format_type(body.get("output_format")) == "json_schema", anthropic_error)
+                 lambda body: _format_type(body.get("output_format")) == "json_schema", anthropic_error,
+                 messages_answer_text)
 SHAPES = (CHAT, RESPONSES, MESSAGES)
 
 
