@@ -189,12 +189,11 @@ class RewriteService:
         self._account(ctx)
 
     def _maybe_shadow(self, response: Response, ctx: RequestContext) -> Response:
-        """Rewritten treatment answers may be judged against control, after they reach the client.
-        Chat completions only: the judge replays and reads chat completions."""
-        if (self.shadow is None or not self.shadow.enabled or not ctx.rewritten.applied or ctx.decision.override
-                or ctx.shape.route != "chat"):
+        """Rewritten treatment answers may be judged against control, after they reach the client (every
+        shape: the judge replays the request through the shape's upstream call and reads its answers)."""
+        if self.shadow is None or not self.shadow.enabled or not ctx.rewritten.applied or ctx.decision.override:
             return response
-        return self.shadow.attach(response, ctx.request_id, ctx.request.exact_body, ctx.headers)
+        return self.shadow.attach(response, ctx.shape, ctx.request_id, ctx.request.exact_body, ctx.headers)
 
     async def _rewrite(self, ctx: RequestContext) -> Rewritten:
         optimizer = self.pipeline.optimizer.identity

@@ -1,5 +1,8 @@
 """Shadow judging: for sampled treatment requests, fetch the control answer and ask a judge which is better.
 
+It covers every rewriting route: the control request goes out as the request's shape's own upstream call
+(``UpstreamCalls.send_own``) and both answers are read by the shape's reader (``Shape.answer_text``).
+
 Everything here runs after the user's response is complete, in background tasks with bounded
 concurrency and a per-minute budget; the little that runs inside the request (sampling, reading the
 answer) fails open, counted in ``bpo_fail_open_total{component="shadow"}``. The judge is
@@ -16,30 +19,27 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
 from starlette.responses import Response, StreamingResponse
 
 from optimizer.judge import JudgeVerdict, build_judge_messages, combine_orders, parse_verdict
 from optimizer.litellm_loader import litellm_model, load_litellm
 from proxy.clients import charge_side_spend
 from proxy.events import EventSink
-from proxy.forward import (
-    Exchange,
-    sse_data,
-)
+from proxy.forward import Exchange
 from proxy.metrics import Metrics
-from proxy.rewrite import find_last_user_turn
 from proxy.settings import Settings
+from proxy.shapes import Shape
 from proxy.upstream_calls import UpstreamCalls
 
 log = logging.getLogger("bpo.shadow")
 
-# The fields of a request that make sense when asking again for one plain answer.
-_DROPPED_FOR_CONTROL = ("stream", "stream_options", "n", "logprobs", "top_logprobs")
+# The fields of a request that make no sense when asking again for one plain answer, in any shape (a
+# Responses ``background`` request would answer "queued", with no text yet).
+_DROPPED_FOR_CONTROL = ("stream", "stream_options", "n", "logprobs", "top_logprobs", "background")
 # A streamed answer longer than this is not kept for judging: memory per request stays bounded.
 MAX_KEPT_ANSWER_BYTES = 1024 * 1024
 
@@ -50,35 +50,47 @@ class ShadowError(Exception):
 class ControlClient(Protocol):
     """Gets the answer the control arm would have given: the original request, sent upstream again."""
 
-    async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str: ...
+    async def answer(self, shape: Shape, body: dict[str, Any], headers: Mapping[str, str]) -> str: ...
 
 
 JudgeCall = Callable[[list[dict[str, str]]], Awaitable[str]]  # messages -> reply text
 
 
 class ForwardingControlClient:
-    """Asks the configured upstream again with the client's auth: the chat call is built where the client's
-    own is (``UpstreamCalls``), so both go to the same place in the same way."""
+    """Asks the configured upstream again with the client's auth: the call is built where the client's own
+    is (``UpstreamCalls``), in the request's shape, so both go to the same place in the same way."""
 
     def __init__(self, calls: UpstreamCalls) -> None:
         self.calls = calls
 
-    async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str:
+    async def answer(self, shape: Shape, body: dict[str, Any], headers: Mapping[str, str]) -> str:
         exchange = Exchange()
-        response = await self.calls.send_chat(body, headers, exchange)
+        response = await self.calls.send_own(shape.route, body, headers, exchange)
+        payload = await _body_of(response)
         charge_side_spend(str(body["model"]), exchange.usage)
         if response.status_code != 200:
             raise ShadowError(f"the upstream answered the control request with {response.status_code}")
-        text = answer_text(bytes(response.body))
+        text = shape.answer_text(payload)
         if text is None:
             raise ShadowError("the control response held no answer text")
         return text
 
 
+async def _body_of(response: Response) -> bytes:
+    """A response's bytes; a stream (an upstream that streams unasked) is read to its end, which releases its
+    connection (a plain answer is read whole too)."""
+    if not isinstance(response, StreamingResponse):
+        return bytes(response.body)
+    return b"".join([chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+                     async for chunk in response.body_iterator])
+
+
 @dataclass(frozen=True)
 class ShadowJob:
-    """One treatment request to judge. ``body`` is the request as the client sent it (original prompt)."""
+    """One treatment request to judge. ``body`` is the request as the client sent it (original prompt), in
+    ``shape``."""
 
+    shape: Shape
     request_id: str
     body: dict[str, Any]
     question: str
@@ -90,48 +102,6 @@ class ShadowJob:
 def control_body(body: Mapping[str, Any]) -> dict[str, Any]:
     """The client's request, asked once more for one non-streamed answer."""
     return {k: v for k, v in body.items() if k not in _DROPPED_FOR_CONTROL}
-
-
-def answer_text(payload: bytes) -> str | None:
-    """The first choice's text from a chat completion JSON body or from its SSE stream; None for any other
-    shape (this runs inside the user's request, so an odd upstream body must never raise)."""
-    stripped = payload.lstrip()
-    if stripped.startswith(b"{"):
-        try:
-            body = orjson.loads(stripped)
-        except orjson.JSONDecodeError:
-            return None
-        first = next(_first_choices(body), None)
-        content = _field(_field(first, "message"), "content")
-        return content if isinstance(content, str) else None
-    return _sse_text(payload)
-
-
-def _field(value: Any, name: str) -> Any:
-    """``value[name]`` when ``value`` is a JSON object, else None."""
-    return value.get(name) if isinstance(value, dict) else None
-
-
-def _first_choices(body: Any) -> Iterator[dict[str, Any]]:
-    """The choices of index 0 in a completion or chunk body, skipping anything that is not an object."""
-    choices = _field(body, "choices")
-    if isinstance(choices, list):
-        yield from (c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0)
-
-
-def _sse_text(payload: bytes) -> str | None:
-    parts: list[str] = []
-    seen = False
-    for data in sse_data(payload):
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        for choice in _first_choices(chunk):
-            seen = True
-            content = _field(choice.get("delta"), "content")
-            parts.append(content if isinstance(content, str) else "")
-    return "".join(parts) if seen else None
 
 
 class MinuteBudget:
@@ -216,29 +186,29 @@ class ShadowJudge:
             return False
         return True
 
-    def attach(self, response: Response, request_id: str, body: Mapping[str, Any],
+    def attach(self, response: Response, shape: Shape, request_id: str, body: Mapping[str, Any],
                headers: Mapping[str, str]) -> Response:
         """For a rewritten treatment request: sample it and, when picked, judge its answer once complete.
 
-        ``body`` is the request as the client sent it (original prompt), ``headers`` the client's (for the
-        control call's auth). A plain response is judged from its body; a stream is read as it passes to
+        ``body`` is the request in ``shape`` as the client sent it (original prompt), ``headers`` the client's
+        (for the control call's auth). A plain response is judged from its body; a stream is read as it passes to
         the client (bytes untouched) and judged only if it ran to the end. Fails open: whatever goes wrong
         here is logged and counted, and the client gets ``response`` as it is.
         """
         try:
-            return self._attach(response, request_id, body, headers)
+            return self._attach(response, shape, request_id, body, headers)
         except Exception:  # the documented fail-open: judging must never cost the user their answer
             self._fail_open(request_id)
             return response
 
-    def _attach(self, response: Response, request_id: str, body: Mapping[str, Any],
+    def _attach(self, response: Response, shape: Shape, request_id: str, body: Mapping[str, Any],
                 headers: Mapping[str, str]) -> Response:
         if response.status_code != 200 or not self.sample():
             return response
-        turn = find_last_user_turn(body.get("messages") or [])
+        turn = shape.newest_turn(body)
         if turn is None:
             return response
-        job = ShadowJob(request_id, dict(body), turn.prompt.text, headers=dict(headers))
+        job = ShadowJob(shape, request_id, dict(body), turn.prompt.text, headers=dict(headers))
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._keep_stream(response.body_iterator, job)
             return response
@@ -249,7 +219,7 @@ class ShadowJudge:
         log.exception("shadow judging of %s failed open; the response goes out unjudged", request_id)
         self.metrics.fail_open.labels(component="shadow").inc()
 
-    async def _keep_stream(self, chunks: Any, job: ShadowJob) -> Any:
+    async def _keep_stream(self, chunks: Any, job: ShadowJob) -> AsyncIterator[Any]:
         kept: list[bytes] = []
         size = 0
         complete = False
@@ -278,7 +248,7 @@ class ShadowJudge:
                 self.metrics.shadow_skipped.labels(reason="too-long").inc()
 
     def _submit_payload(self, payload: bytes, job: ShadowJob) -> None:
-        answer = answer_text(payload)
+        answer = job.shape.answer_text(payload)
         if answer is None:
             self.metrics.shadow_skipped.labels(reason="no-answer").inc()
             return
@@ -304,7 +274,7 @@ class ShadowJudge:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _judge(self, job: ShadowJob) -> None:
-        event: dict[str, Any] = {"type": "shadow", "request_id": job.request_id,
+        event: dict[str, Any] = {"type": "shadow", "request_id": job.request_id, "route": job.shape.route,
                                  "experiment": job.experiment or self.experiment,
                                  "model": job.body.get("model"), "judge_model": self.judge_model}
         try:
@@ -322,7 +292,7 @@ class ShadowJudge:
         if self._warmup is not None:
             await self._warmup
         started = time.perf_counter()
-        control = await self.control.answer(control_body(job.body), job.headers)
+        control = await self.control.answer(job.shape, control_body(job.body), job.headers)
         control_ms = (time.perf_counter() - started) * 1000
         treatment_first, control_first = await asyncio.gather(
             self._ask(job.question, job.treatment_answer, control),

@@ -85,15 +85,16 @@ class UpstreamCalls:
         return await self.http.forward("POST", url, self._headers(target, ctx.headers), self._payload(ctx, target),
                                        ctx.exchange, extra, finish, params, stream=request.stream)
 
-    async def send_chat(self, body: Mapping[str, Any], headers: Mapping[str, str], exchange: Exchange) -> Response:
-        """A chat completion the gateway asks for itself (the shadow judge's control answer): the same
-        target, URL and headers as the client's own chat requests, never streamed."""
-        target = self.target("chat", str(body["model"]))
+    async def send_own(self, route: str, body: Mapping[str, Any], headers: Mapping[str, str],
+                       exchange: Exchange) -> Response:
+        """A request of shape ``route`` the gateway asks for itself (the shadow judge's control answer): the
+        same target, URL, headers and body rules as the client's own requests on that route, never streamed."""
+        target = self.target(route, str(body["model"]))
         if target.kind == "litellm":
-            return await self.providers.forward(target, {**body, "model": target.model}, exchange, {})
-        url, params = chat_url(target)
+            return await self.providers.forward(target, {**body, "model": target.model}, exchange, {}, route=route)
+        url, params = self._url(route, target)
         return await self.http.forward("POST", url, self._headers(target, headers),
-                                       encode_body(provider_body(body, target)), exchange, {}, None, params)
+                                       encode_body(_body_for(route, body, target)), exchange, {}, None, params)
 
     def _headers(self, target: Target, client_headers: Mapping[str, str]) -> dict[str, str]:
         headers = upstream_headers(client_headers, None if target.kind == "anthropic" else target.api_key,
@@ -122,9 +123,13 @@ class UpstreamCalls:
         request, body = ctx.request, ctx.rewritten.body
         if body is None and target.model == request.model:
             return request.raw  # untouched: the client's exact bytes
-        sent: Mapping[str, Any] = request.exact_body if body is None else body
-        if ctx.shape.route == "chat":
-            sent = provider_body(sent, target)
-        elif sent.get("model") != target.model:  # Azure's Responses API names the deployment in the body
-            sent = {**sent, "model": target.model}
-        return encode_body(sent, orjson_safe=request.read_by_orjson)
+        sent = request.exact_body if body is None else body
+        return encode_body(_body_for(ctx.shape.route, sent, target), orjson_safe=request.read_by_orjson)
+
+
+def _body_for(route: str, body: Mapping[str, Any], target: Target) -> Mapping[str, Any]:
+    """``body`` as the target takes it on ``route``: the route's model name (chat on Azure names the deployment
+    in the URL instead; Azure's Responses API names it in the body)."""
+    if route == "chat":
+        return provider_body(body, target)
+    return body if body.get("model") == target.model else {**body, "model": target.model}

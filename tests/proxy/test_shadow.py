@@ -1,9 +1,9 @@
-"""The shadow judge with hand-written fakes: both orders, flip -> tie, sampling, budget, bounds, failures."""
+"""The shadow judge with hand-written fakes: both orders, flip -> tie, sampling, budget, bounds, failures, shapes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -16,11 +16,11 @@ from proxy.shadow import (
     MinuteBudget,
     ShadowJob,
     ShadowJudge,
-    answer_text,
     control_body,
 )
+from proxy.shapes import CHAT, MESSAGES, RESPONSES, Shape
 from tests.fakes.proxy_server import make_settings
-from tests.fakes.upstream import chat_reply, sse_chunks
+from tests.fakes.upstream import Reply, chat_reply, messages_reply, responses_reply, sse_chunks
 from tests.optimizer.cache_helpers import until
 from training.evaluate import outcome_of
 from training.evaluate import summarize as summarize_eval
@@ -48,12 +48,14 @@ class FakeControl:
     def __init__(self, answer: str = CONTROL, fail: bool = False) -> None:
         self.answer_text, self.fail = answer, fail
         self.calls: list[tuple[dict[str, Any], Mapping[str, str]]] = []
+        self.shapes: list[Shape] = []
         self.release = asyncio.Event()
         self.release.set()
         self.in_flight = self.most_in_flight = 0
 
-    async def answer(self, body: dict[str, Any], headers: Mapping[str, str]) -> str:
+    async def answer(self, shape: Shape, body: dict[str, Any], headers: Mapping[str, str]) -> str:
         self.calls.append((body, headers))
+        self.shapes.append(shape)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -106,7 +108,7 @@ def make_judge(control: FakeControl | None = None, judge: FakeJudge | None = Non
 
 def job(request_id: str = "req_1", **body: Any) -> ShadowJob:
     request = {"model": "fake-model", "messages": [{"role": "user", "content": "Why is the sky blue?"}], **body}
-    return ShadowJob(request_id, request, "Why is the sky blue?", TREATMENT, {"authorization": "Bearer sk-c"})
+    return ShadowJob(CHAT, request_id, request, "Why is the sky blue?", TREATMENT, {"authorization": "Bearer sk-c"})
 
 
 def verdicts(metrics: Metrics, verdict: str) -> float:
@@ -137,34 +139,12 @@ async def test_shadow_and_bpo_eval_turn_the_same_verdicts_into_the_same_numbers(
     assert net_win_rate * 100 == pytest.approx(summarize_eval(records).tallies[0].delta_wr)
 
 
-def test_answer_text_from_json_and_from_sse() -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}
-    assert answer_text(orjson.dumps(chat_reply(body, "hello there").json)) == "hello there"
-    stream = b"".join(sse_chunks("m", "hello there", n=2, include_usage=True))
-    assert answer_text(stream) == "hello there "
-    assert answer_text(b"not a response") is None
-
-
-@pytest.mark.parametrize("payload", [
-    b'{"choices": [1]}', b'{"choices": "ab"}', b'{"choices": [{"message": "x"}]}', b'{"choices": {"0": 1}}',
-    b'{"choices": [{"index": 0, "message": {"content": 5}}]}', b'{"choices": [null, "x"]}', b"{",
-    b'data: {"choices": [1]}\n\ndata: "text"\n\ndata: [1]\n\n',
-    b'data: {"choices": [{"index": 0, "delta": "x"}, {"delta": {"content": 7}}]}\n\n'])
-def test_answer_text_is_none_or_text_for_any_shape_never_an_error(payload: bytes) -> None:
-    text = answer_text(payload)
-    assert text is None or text == ""  # no real answer text in any of them
-
-
-def test_answer_text_skips_odd_choices_to_find_the_first_real_one() -> None:
-    assert answer_text(b'{"choices": [1, "x", {"index": 0, "message": {"content": "yes"}}]}') == "yes"
-    assert answer_text(b'data: {"choices": [2, {"delta": {"content": "a"}}]}\n\n'
-                       b'data: {"choices": [{"delta": {"content": "b"}}]}\n\n') == "ab"
-
-
 def test_the_control_request_asks_for_one_plain_answer() -> None:
     body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}, "n": 3,
             "temperature": 0.2, "logprobs": True}
     assert control_body(body) == {"model": "m", "messages": [], "temperature": 0.2}
+    responses = {"model": "m", "input": "q", "stream": True, "background": True, "store": True}
+    assert control_body(responses) == {"model": "m", "input": "q", "store": True}  # answered now, not queued
 
 
 def test_the_minute_budget_slides() -> None:
@@ -268,7 +248,7 @@ async def test_attach_reads_a_stream_as_it_passes_and_judges_it_once_complete() 
     shadow, sink, _ = make_judge()
     chunks = sse_chunks("m", TREATMENT)
     body = {"model": "m", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "stream": True}
-    response = shadow.attach(StreamingResponse(_stream(chunks)), "req_s", body, {})
+    response = shadow.attach(StreamingResponse(_stream(chunks)), CHAT, "req_s", body, {})
     assert isinstance(response, StreamingResponse)
     passed = [chunk async for chunk in response.body_iterator]
     assert passed == chunks  # the client's bytes are untouched
@@ -279,12 +259,12 @@ async def test_attach_reads_a_stream_as_it_passes_and_judges_it_once_complete() 
 async def test_attach_skips_broken_streams_errors_and_turns_without_user_text() -> None:
     shadow, sink, metrics = make_judge()
     body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
-    broken = shadow.attach(StreamingResponse(_stream(sse_chunks("m", TREATMENT), fail_after=2)), "r1", body, {})
+    broken = shadow.attach(StreamingResponse(_stream(sse_chunks("m", TREATMENT), fail_after=2)), CHAT, "r1", body, {})
     assert isinstance(broken, StreamingResponse)
     with pytest.raises(ConnectionError):
         _ = [chunk async for chunk in broken.body_iterator]
-    shadow.attach(Response(b'{"error": {}}', status_code=429), "r2", body, {})
-    shadow.attach(Response(b"{}"), "r3", {"model": "m", "messages": [{"role": "assistant", "content": "a"}]}, {})
+    shadow.attach(Response(b'{"error": {}}', status_code=429), CHAT, "r2", body, {})
+    shadow.attach(Response(b"{}"), CHAT, "r3", {"model": "m", "messages": [{"role": "assistant", "content": "a"}]}, {})
     await shadow.drain()
     assert sink.events == []
     assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "incomplete"}) == 1
@@ -312,7 +292,7 @@ async def test_an_odd_upstream_body_is_skipped_and_goes_out_unchanged() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
     for payload in (b'{"choices": [1]}', b'{"choices": "ab"}', b'{"choices": [{"message": "x"}]}'):
         response = Response(payload, media_type="application/json")
-        assert shadow.attach(response, "r", body, {}) is response and response.body == payload
+        assert shadow.attach(response, CHAT, "r", body, {}) is response and response.body == payload
     await shadow.drain()
     assert sink.events == [] and fail_open_count(metrics) == 0
     assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "no-answer"}) == 3
@@ -323,8 +303,58 @@ async def test_a_fault_inside_attach_fails_open(caplog: pytest.LogCaptureFixture
     body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
     payload = orjson.dumps(chat_reply(body, TREATMENT).json)
     response = Response(payload, status_code=200, media_type="application/json")
-    assert shadow.attach(response, "req_x", body, ExplodingHeaders()) is response
+    assert shadow.attach(response, CHAT, "req_x", body, ExplodingHeaders()) is response
     assert (response.status_code, response.body) == (200, payload)
     await shadow.drain()
     assert sink.events == [] and fail_open_count(metrics) == 1
     assert "req_x" in caplog.text and "unreadable headers" in caplog.text
+
+
+QUESTION = "Why is the sky blue?"
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+# A request of each other shape: an earlier turn, then the question as its newest user turn.
+SHAPED: dict[str, tuple[Shape, dict[str, Any], Callable[[dict[str, Any], str], Reply]]] = {
+    "responses": (RESPONSES, {"model": "m", "instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Earlier question"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Earlier answer"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}]}, responses_reply),
+    "messages": (MESSAGES, {"model": "m", "max_tokens": 64, "system": "Be brief.", "messages": [
+        {"role": "user", "content": "Earlier question"}, {"role": "assistant", "content": "Earlier answer"},
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}, IMAGE]}]}, messages_reply),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("route", sorted(SHAPED))
+async def test_every_shape_is_judged_from_its_own_turn_answer_and_control_call(route: str, stream: bool) -> None:
+    shape, request, reply = SHAPED[route]
+    body = {**request, "stream": stream}
+    control, judge = FakeControl(), FakeJudge(prefer=TREATMENT)
+    shadow, sink, _ = make_judge(control, judge)
+    answer = reply(body, TREATMENT)
+    response = StreamingResponse(_stream(answer.sse or [])) if stream else Response(orjson.dumps(answer.json))
+    attached = shadow.attach(response, shape, "req_r", body, {"x-api-key": "sk-a"})
+    if isinstance(attached, StreamingResponse):
+        assert [chunk async for chunk in attached.body_iterator] == answer.sse
+    await shadow.drain()
+    (event,) = sink.events
+    assert (event["route"], event["request_id"], event["verdict"]) == (route, "req_r", "win")
+    assert control.shapes == [shape]
+    assert control.calls == [(request, {"x-api-key": "sk-a"})]  # the original request, asked for one plain answer
+    assert len(judge.prompts) == 2
+    for prompt in judge.prompts:  # the newest turn is the question; the answers are the two texts
+        assert QUESTION in prompt and "Earlier question" not in prompt
+        assert TREATMENT in prompt and CONTROL in prompt
+
+
+@pytest.mark.parametrize(("shape", "payload"), [
+    (RESPONSES, {"output": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]}),
+    (MESSAGES, {"content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]})])
+async def test_a_tool_only_treatment_answer_is_not_judged(shape: Shape, payload: dict[str, Any]) -> None:
+    shadow, sink, metrics = make_judge()
+    _, body, _ = SHAPED[shape.route]
+    response = Response(orjson.dumps(payload), media_type="application/json")
+    assert shadow.attach(response, shape, "r", body, {}) is response
+    await shadow.drain()
+    assert sink.events == []
+    assert metrics.registry.get_sample_value("bpo_shadow_skipped_total", {"reason": "no-answer"}) == 1
