@@ -31,11 +31,14 @@ class Rewrite:
 
     ``truncated``: generation stopped on its token budget, not on end-of-sequence or a stop string, so the
     text may have lost the end of the user's request; the pipeline never forwards it.
+    ``batch_size``: how many prompts the batch that generated this one held (``hf:``, which batches); None
+    where the backend does not batch or cannot tell (a ``remote:`` server batches out of our sight).
     """
 
     text: str
     optimizer: str
     truncated: bool = False
+    batch_size: int | None = None
 
 
 @dataclass(slots=True)  # not frozen: read on every request, and a frozen dataclass costs 4x to build

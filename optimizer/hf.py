@@ -49,10 +49,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Generated:
-    """One row's cleaned text, and whether it was cut short (budget spent or abandoned)."""
+    """One row's cleaned text, whether it was cut short (budget spent or abandoned), and the size of its batch."""
 
     text: str
     truncated: bool
+    batch_size: int = 1
 
 
 @dataclass
@@ -238,13 +239,14 @@ def plan_rows(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence
 def _generate(loaded: LoadedModel, options: OptimizerOptions, requests: Sequence[GenerationRequest],
               abandoned: Callable[[int], bool]) -> list[Generated | BaseException]:
     plans = plan_rows(loaded, options, requests)
-    outcomes: list[Generated | BaseException] = [Generated("", truncated=True)] * len(requests)
+    size = len(requests)  # the batch the batcher formed, hopeless rows included: they waited for it too
+    outcomes: list[Generated | BaseException] = [Generated("", True, size)] * size
     rows = [row for row, plan in enumerate(plans) if not plan.hopeless]
     if rows:
         texts = _generate_rows(loaded, options, [requests[r] for r in rows], [plans[r] for r in rows],
                                lambda index: abandoned(rows[index]))
         for row, generated in zip(rows, texts, strict=True):
-            outcomes[row] = generated
+            outcomes[row] = Generated(generated.text, generated.truncated, size)
     return outcomes
 
 
@@ -355,7 +357,7 @@ class HFOptimizer:
                 raise OptimizerBusy(f"the queue needs at least {ahead:.1f} s, over the "
                                     f"{self.options.request_timeout:g} s deadline")
         generated = await batcher.submit(GenerationRequest(text, mode), cost)
-        return Rewrite(generated.text, self._identity, truncated=generated.truncated)
+        return Rewrite(generated.text, self._identity, generated.truncated, generated.batch_size)
 
     async def close(self) -> None:
         if self._load_task is not None and not self._load_task.done():

@@ -182,10 +182,14 @@ async def test_concurrent_requests_are_generated_together(tiny_model_dir: Path) 
     optimizer = await ready(HFOptimizer(str(tiny_model_dir), options, loader=loader_for(model_class)))
     try:
         modes = ["stable", "aggressive"] * 5
-        await asyncio.gather(*(optimizer.optimize(f"prompt {i}", m) for i, m in enumerate(modes)))  # type: ignore[arg-type]
+        rewrites = await asyncio.gather(*(optimizer.optimize(f"prompt {i}", m)  # type: ignore[arg-type]
+                                          for i, m in enumerate(modes)))
     finally:
         await optimizer.close()
     assert sum(sizes) == 10 and max(sizes) > 1 and max(sizes) <= 4
+    # Each rewrite tells the size of the batch it ran in (the optimizer span's bpo.optimizer.batch_size).
+    assert sorted(rewrite.batch_size or 0 for rewrite in rewrites) == sorted(size for size in sizes
+                                                                            for _ in range(size))
     # Each generate call holds one mode: its decoding settings are the batch's.
     for call in model_class.calls:
         rows = call["sequences"].shape[0]
