@@ -117,7 +117,7 @@ def create_app(settings: Settings, *, server_process: bool = False) -> Starlette
         state.rewriting = RewriteService(settings, pipeline, upstream_calls,
                                          ArmAssigner(settings), metrics, state.events, state.recent_requests,
                                          state.shadow, state.access_log)
-        state.rewriting.tracing = state.rewriting.upstream.tracing = tracing
+        state.rewriting.tracing = state.rewriting.upstream.tracing = pipeline.stages = tracing
         async with contextlib.AsyncExitStack() as services:
             if tracing is not None:  # closed last: it flushes the spans of the last requests
                 services.push_async_callback(tracing.close)

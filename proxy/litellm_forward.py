@@ -153,8 +153,10 @@ class LiteLLMForwarder:
 
     async def forward(self, target: Target, body: Mapping[str, Any], exchange: Exchange,
                       extra_headers: Mapping[str, str],
-                      on_done: Callable[[Exchange], None] | None = None, route: str = "chat") -> Response:
-        """``route``: the request's shape (chat, responses, messages), which picks litellm's entry point."""
+                      on_done: Callable[[Exchange], None] | None = None, route: str = "chat",
+                      trace_headers: Mapping[str, str] | None = None) -> Response:
+        """``route``: the request's shape (chat, responses, messages), which picks litellm's entry point.
+        ``trace_headers``: the W3C ``traceparent`` to send, next to the route's own ``extra_headers``."""
         litellm = load_litellm()
         stream = bool(body.get("stream"))
         conversation = _CONVERSATION_FIELD[route]
@@ -169,6 +171,8 @@ class LiteLLMForwarder:
                   **{k: v for k, v in target.params.items() if k != "model"}}
         if target.api_key:
             params["api_key"] = target.api_key
+        if trace_headers:
+            params["extra_headers"] = {**(params.get("extra_headers") or {}), **trace_headers}
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):

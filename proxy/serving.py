@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -56,6 +56,14 @@ def header_safe(value: str) -> str:
 def request_id_for(headers: Mapping[str, str]) -> str:
     offered = headers.get("x-request-id", "")
     return offered if _CLIENT_REQUEST_ID.match(offered) else "req_" + secrets.token_hex(16)
+
+
+def exchange_attributes(exchange: Exchange) -> dict[str, Any]:
+    """The upstream span's outcome after the GenAI conventions: status and token usage, when known."""
+    usage = exchange.usage or {}
+    return {"http.response.status_code": exchange.status or None,  # 0: no answer came
+            "gen_ai.usage.input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
+            "gen_ai.usage.output_tokens": usage.get("completion_tokens", usage.get("output_tokens"))}
 
 
 def api_key_of(headers: Mapping[str, str]) -> str | None:
@@ -134,8 +142,8 @@ class RewriteService:
         extra = self._bpo_headers(ctx)
         try:
             with watch.stage(UPSTREAM):
-                call = self.upstream.send(ctx, extra, lambda done: self._finish(ctx))
-                response = await (call if self.tracing is None else self._traced_call(ctx, self.tracing, call))
+                response = await (self.upstream.send(ctx, extra, lambda done: self._finish(ctx))
+                                  if self.tracing is None else self._traced_call(ctx, self.tracing, extra))
         except ProxyError as exc:  # the upstream failed: still this route's answer, headed and counted
             ctx.exchange.status, ctx.exchange.error = exc.status, exc.message
             self._finish(ctx)
@@ -158,22 +166,30 @@ class RewriteService:
             annotate(span, {"bpo.applied": rewritten.applied, "bpo.reason": rewritten.reason,
                             "bpo.cache": rewritten.cache, "bpo.optimizer": rewritten.optimizer,
                             "bpo.guard.verdict": "accepted" if rewritten.applied else rewritten.guard_rule})
-            if tracing.include_text and rewritten.optimized_text is not None:
-                annotate(span, {"bpo.optimized_prompt": rewritten.optimized_text})
+            if tracing.include_text:
+                annotate(span, {"bpo.optimized_prompt": rewritten.optimized_text,
+                                "bpo.rejected_prompt": rewritten.rejected_text})
             return rewritten
 
-    async def _traced_call(self, ctx: RequestContext, tracing: Tracing, call: Awaitable[Response]) -> Response:
-        """The upstream call as a CLIENT span (``traceparent`` goes out in its context); usage when known."""
-        with tracing.span(f"chat {ctx.target.model}", {"gen_ai.operation.name": "chat",
-                                                       "gen_ai.request.model": ctx.target.model,
-                                                       "gen_ai.system": ctx.target.kind}, client=True) as span:
-            response = await call
-            usage = ctx.exchange.usage or {}
-            annotate(span, {"http.response.status_code": ctx.exchange.status,
-                            "gen_ai.usage.input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
-                            "gen_ai.usage.output_tokens": usage.get("completion_tokens",
-                                                                    usage.get("output_tokens"))})
-            return response
+    async def _traced_call(self, ctx: RequestContext, tracing: Tracing, extra: dict[str, str]) -> Response:
+        """The upstream call as a CLIENT span, current while it is sent (``traceparent`` goes out from it).
+
+        It ends when the exchange does: a plain answer's, or a stream's last chunk, so a streamed usage
+        (the final SSE event's) is on it too."""
+        span = tracing.start(f"chat {ctx.target.model}", {"gen_ai.operation.name": "chat",
+                                                          "gen_ai.request.model": ctx.target.model,
+                                                          "gen_ai.system": ctx.target.kind}, client=True)
+
+        def finish(exchange: Exchange) -> None:
+            span.end(exchange_attributes(exchange))
+            self._finish(ctx)
+
+        try:
+            with tracing.current(span):
+                return await self.upstream.send(ctx, extra, finish)
+        except BaseException as exc:  # refused, failed or cancelled before an answer: ended here
+            span.end(exchange_attributes(ctx.exchange), error=exc)
+            raise
 
     async def _admit(self, client: ClientContext, ctx: RequestContext) -> Meter:
         """The key's limits and budget, for this request's worst case: the body as sent, plus the longest

@@ -1,8 +1,10 @@
 """OpenTelemetry traces over OTLP/HTTP (the optional ``[otel]`` extra): one trace per request, with spans
-for the rewrite and the upstream call after the GenAI semantic conventions.
+for the rewrite, its stages and the upstream call after the GenAI semantic conventions.
 
 Built only when an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT``); otherwise this module's
-OpenTelemetry imports never run and the gateway holds ``None`` where a ``Tracing`` would be.
+OpenTelemetry imports never run and the gateway holds ``None`` where a ``Tracing`` would be. ``Tracing`` is
+also the rewrite pipeline's ``StageTracer`` (``optimizer/stages.py``): the cache lookup, the optimizer call and
+the guard become spans under ``bpo.rewrite``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from starlette.types import Scope
+
+from optimizer.stages import NO_ATTRIBUTES, Attributes
 
 log = logging.getLogger("bpo.tracing")
 
@@ -58,6 +62,21 @@ class Tracing:
         with self.tracer.start_as_current_span(name, kind=kind, attributes=_clean(attributes)) as span:
             yield span
 
+    def start(self, name: str, attributes: Attributes = NO_ATTRIBUTES, client: bool = False) -> SpanStage:
+        """A span begun under the current one, without becoming current itself; ends with ``SpanStage.end``."""
+        from opentelemetry.trace import SpanKind
+
+        kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
+        return SpanStage(self.tracer.start_span(name, kind=kind, attributes=_clean(attributes)))
+
+    @contextlib.contextmanager
+    def current(self, stage: SpanStage) -> Iterator[None]:
+        """``stage``'s span as the current one (``traceparent`` is injected from it), not ended on exit."""
+        from opentelemetry.trace import use_span
+
+        with use_span(stage.span, end_on_exit=False):
+            yield
+
     def inject(self, headers: dict[str, str]) -> None:
         """``traceparent`` (and ``tracestate``) of the current span, into the upstream's request headers."""
         self.propagator.inject(headers)
@@ -66,6 +85,30 @@ class Tracing:
         import asyncio
 
         await asyncio.to_thread(self.provider.shutdown)  # flushes what is left; bounded by the export timeout
+
+
+class SpanStage:
+    """One span as a pipeline ``Stage``: ended once, with attributes and, for a failure, an error status."""
+
+    __slots__ = ("ended", "span")
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+        self.ended = False
+
+    def end(self, attributes: Attributes = NO_ATTRIBUTES, error: BaseException | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if attributes:
+            self.span.set_attributes(_clean(attributes))
+        if error is not None:
+            from opentelemetry.trace import Status, StatusCode
+
+            # The class only: an exception's text may quote the prompt or the provider's answer.
+            self.span.set_attribute("error.type", type(error).__name__)
+            self.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        self.span.end()
 
 
 def annotate(span: Any, attributes: Mapping[str, Any]) -> None:

@@ -80,7 +80,7 @@ class UpstreamCalls:
         if target.kind == "litellm":
             full = request.exact_body if body is None else body
             return await self.providers.forward(target, {**full, "model": target.model}, ctx.exchange, extra,
-                                                finish, route=ctx.shape.route)
+                                                finish, route=ctx.shape.route, trace_headers=self._trace_headers())
         url, params = self._url(ctx.shape.route, target)
         return await self.http.forward("POST", url, self._headers(target, ctx.headers), self._payload(ctx, target),
                                        ctx.exchange, extra, finish, params, stream=request.stream)
@@ -105,6 +105,14 @@ class UpstreamCalls:
         headers["content-type"] = "application/json"
         if self.tracing is not None:
             self.tracing.inject(headers)  # W3C traceparent: the upstream's spans join this trace
+        return headers
+
+    def _trace_headers(self) -> dict[str, str] | None:
+        """The W3C ``traceparent`` for a litellm call (which sends it as one of its ``extra_headers``)."""
+        if self.tracing is None:
+            return None
+        headers: dict[str, str] = {}
+        self.tracing.inject(headers)
         return headers
 
     @staticmethod
