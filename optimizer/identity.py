@@ -8,19 +8,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from optimizer.manifest import MANIFEST_NAME, ManifestError
+from optimizer.fingerprint import fingerprint_model_dir, fingerprint_weights_file
+from optimizer.manifest import MANIFEST_NAME, VERSION_LENGTH, ManifestError
 from optimizer.manifest import read_manifest as read_optimizer_manifest
 
 log = logging.getLogger("bpo.optimizer")
 
-# Files whose content decides what a model dir generates; the weights are sampled, the rest hashed whole.
-CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "adapter_config.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-# Hashing 13 GB of weights would take longer than loading them; a fine-tune changes every tensor, so a
-# few spread-out chunks plus the exact size tell versions apart.
-WEIGHT_SAMPLES = 8
-SAMPLE_BYTES = 1 << 20
 # What an OpenAI-compatible server's /v1/models card says about the model behind a served name: vLLM's
 # ``root`` is the path or hub id it loaded, ``parent`` the base model of a LoRA adapter. ``created`` is left
 # out on purpose: vLLM stamps it (and each permission's id) when it answers, so it would differ on every
@@ -53,42 +46,17 @@ def read_manifest(model_dir: Path) -> tuple[str, str] | None:
     return (manifest.name, manifest.version) if manifest is not None else None
 
 
-def hash_model_dir(model_dir: Path, sample_bytes: int = SAMPLE_BYTES) -> str:
-    """A content fingerprint of a model directory: config and tokenizer files whole, weights sampled."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        relative = path.relative_to(model_dir).as_posix()
-        if path.name in CONFIG_FILES:
-            digest.update(relative.encode() + b"\0" + path.read_bytes())
-        elif path.name.endswith(WEIGHT_SUFFIXES):
-            digest.update(relative.encode() + b"\0" + _sample_file(path, sample_bytes))
-    return digest.hexdigest()[:12]
-
-
-def _sample_file(path: Path, sample_bytes: int) -> bytes:
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        if size <= WEIGHT_SAMPLES * sample_bytes:
-            digest.update(handle.read())
-            return digest.digest()
-        # Evenly spread, the first at the start of the file and the last ending at its end.
-        for index in range(WEIGHT_SAMPLES):
-            handle.seek(index * (size - sample_bytes) // (WEIGHT_SAMPLES - 1))
-            digest.update(handle.read(sample_bytes))
-    return digest.digest()
-
-
 def hf_identity(target: str, commit_hash: str | None = None) -> str:
-    """``hf:`` identity: the training manifest, else a hash of the local dir or file, else the hub revision."""
+    """``hf:`` identity: the training manifest's version as written (never recomputed), else the content
+    fingerprint of the local dir or file (optimizer/fingerprint.py), else the hub revision."""
     model_dir = Path(os.path.expanduser(target))
     if model_dir.is_dir():
         manifest = read_manifest(model_dir)
         if manifest is not None:
             return format_identity(f"hf:{manifest[0]}", manifest[1])
-        return format_identity(f"hf:{model_dir.name or target}", hash_model_dir(model_dir))
+        return format_identity(f"hf:{model_dir.name or target}", fingerprint_model_dir(model_dir)[:VERSION_LENGTH])
     if model_dir.is_file():  # a GGUF file: its name, and its bytes sampled as a model dir's weights are
-        return format_identity(f"hf:{model_dir.name}", _sample_file(model_dir, SAMPLE_BYTES).hex()[:12])
+        return format_identity(f"hf:{model_dir.name}", fingerprint_weights_file(model_dir).hex()[:VERSION_LENGTH])
     return format_identity(f"hf:{target}", commit_hash[:12] if commit_hash else "unknown-revision")
 
 

@@ -3,6 +3,9 @@
 The format lives with its reader: the ``hf:`` backend reads it (``read_manifest``, via optimizer/identity.py)
 to name the optimizer ``name@version`` in ``X-BPO-Optimizer`` and in cache keys, so a retrained model never
 serves stale rewrites; ``bpo train`` writes it (``build_manifest`` + ``write_manifest``).
+
+The version is read as written, never recomputed: a manifest written before the model fingerprint became
+the one hash of a model version (its version then hashed every weight byte) keeps its version.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from optimizer.fingerprint import fingerprint_model_dir
 from optimizer.template import TEMPLATE_VERSION
 
 MANIFEST_NAME = "bpo_manifest.json"
-# Files whose bytes are the model: a change in any of them is a new version.
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 VERSION_LENGTH = 12
 
 
@@ -78,21 +80,10 @@ def write_manifest(model_dir: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def weights_sha256(model_dir: str | Path) -> str:
-    """One hash over every weight file of ``model_dir`` (names and bytes, in sorted order)."""
-    digest = hashlib.sha256()
-    files = sorted({p for pattern in WEIGHT_PATTERNS for p in Path(model_dir).glob(pattern)})
-    for path in files:
-        digest.update(path.name.encode("utf-8") + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def compute_version(weights: str, data_sha256: str, hyperparameters: dict[str, Any]) -> str:
-    """A short hash of weights + data + config: the same training output always gets the same version."""
-    canonical = json.dumps({"weights": weights, "data": data_sha256, "config": hyperparameters},
+def compute_version(model_fingerprint: str, data_sha256: str, hyperparameters: dict[str, Any]) -> str:
+    """A short hash of the model (its fingerprint: config, tokenizer, sampled weights) + data + config: the
+    same training output always gets the same version."""
+    canonical = json.dumps({"model": model_fingerprint, "data": data_sha256, "config": hyperparameters},
                            sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:VERSION_LENGTH]
 
@@ -100,7 +91,7 @@ def compute_version(weights: str, data_sha256: str, hyperparameters: dict[str, A
 def build_manifest(model_dir: str | Path, name: str, base_model: str, data_sha256: str,
                    hyperparameters: dict[str, Any], metrics: dict[str, Any]) -> Manifest:
     """The manifest for weights already saved in ``model_dir``."""
-    version = compute_version(weights_sha256(model_dir), data_sha256, hyperparameters)
+    version = compute_version(fingerprint_model_dir(Path(model_dir)), data_sha256, hyperparameters)
     return Manifest(name=name, version=version, base_model=base_model, data_sha256=data_sha256,
                     template_version=TEMPLATE_VERSION, created=datetime.now(UTC).isoformat(),
                     hyperparameters=hyperparameters, metrics=metrics)

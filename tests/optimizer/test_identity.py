@@ -1,13 +1,14 @@
-"""name@version identities: manifests, content hashes of model dirs, hub revisions, remote servers."""
+"""name@version identities: manifests, content fingerprints of model dirs, hub revisions, remote servers."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from optimizer.identity import hash_model_dir, hf_identity, remote_identity
+from optimizer.fingerprint import fingerprint_model_dir
+from optimizer.identity import hf_identity, remote_identity
+from optimizer.manifest import Manifest, compute_version, write_manifest
 
 
 @pytest.fixture
@@ -21,39 +22,26 @@ def model_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def test_hash_is_stable_and_ignores_non_model_files(model_dir: Path, tmp_path: Path) -> None:
-    before = hash_model_dir(model_dir)
-    (model_dir / "README.md").write_text("other notes")
-    copy = Path(shutil.copytree(model_dir, tmp_path / "copy"))
-    assert hash_model_dir(model_dir) == before == hash_model_dir(copy)
-
-
-@pytest.mark.parametrize("changed", ["config.json", "tokenizer.json", "model.safetensors"])
-def test_hash_changes_with_config_tokenizer_or_weights(model_dir: Path, changed: str) -> None:
-    before = hash_model_dir(model_dir)
-    path = model_dir / changed
-    data = bytearray(path.read_bytes())
-    data[0] ^= 0x01
-    path.write_bytes(bytes(data))
-    assert hash_model_dir(model_dir) != before
-
-
-def test_large_weights_are_sampled_and_both_ends_count(model_dir: Path) -> None:
-    # 16 KiB of weights is "large" for 1 KiB samples: 8 samples cover half of it, both ends included.
-    weights = model_dir / "model.safetensors"
-    before = hash_model_dir(model_dir, sample_bytes=1024)
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF  # the last sample ends at the end of the file
-    weights.write_bytes(bytes(data))
-    assert hash_model_dir(model_dir, sample_bytes=1024) != before
-
-
-def test_hf_identity_prefers_manifest_then_hash_then_hub_revision(model_dir: Path) -> None:
-    assert hf_identity(str(model_dir)) == f"hf:bpo-model@{hash_model_dir(model_dir)}"
+def test_hf_identity_prefers_manifest_then_fingerprint_then_hub_revision(model_dir: Path) -> None:
+    assert hf_identity(str(model_dir)) == f"hf:bpo-model@{fingerprint_model_dir(model_dir)[:12]}"
     (model_dir / "bpo_manifest.json").write_text('{"name": "broken"}')
-    assert hf_identity(str(model_dir)) == f"hf:bpo-model@{hash_model_dir(model_dir)}"
+    assert hf_identity(str(model_dir)) == f"hf:bpo-model@{fingerprint_model_dir(model_dir)[:12]}"
     assert hf_identity("THUDM/BPO", "0123456789abcdef0123") == "hf:THUDM/BPO@0123456789ab"
     assert hf_identity("THUDM/BPO", None) == "hf:THUDM/BPO@unknown-revision"
+
+
+def test_a_flat_model_dir_keeps_the_identity_it_had_before_the_fingerprint_moved(model_dir: Path) -> None:
+    # hash_model_dir at 96a1fe3 named this dir so; a served model without a manifest keeps its cached rewrites.
+    assert hf_identity(str(model_dir)) == "hf:bpo-model@0cbf27ac9103"
+
+
+def test_a_manifest_version_is_served_as_written_never_recomputed(model_dir: Path) -> None:
+    # Written before the fingerprint was the one version hash (it hashed every weight byte then): still trusted.
+    written = Manifest(name="bpo-old", version="5f0e8c1d2b3a", base_model="base", data_sha256="ab" * 32,
+                       template_version="1", created="2026-01-01T00:00:00+00:00", hyperparameters={"epochs": 3})
+    write_manifest(model_dir, written)
+    assert compute_version(fingerprint_model_dir(model_dir), written.data_sha256, {"epochs": 3}) != "5f0e8c1d2b3a"
+    assert hf_identity(str(model_dir)) == "hf:bpo-old@5f0e8c1d2b3a"
 
 
 def test_remote_identity() -> None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from optimizer.fingerprint import fingerprint_model_dir
+from optimizer.identity import hf_identity
 from optimizer.manifest import (
     MANIFEST_NAME,
     ManifestError,
@@ -44,6 +46,28 @@ def test_version_follows_weights_data_and_config(tmp_path: Path) -> None:
     assert build_manifest(model_dir(tmp_path / "c", b"w2"), "n", "b", "d1", config, {}).version != one
     assert compute_version("x", "d1", config) != compute_version("x", "d2", config)
     assert compute_version("x", "d1", config) != compute_version("x", "d1", {**config, "epochs": 2})
+
+
+def test_the_version_is_built_from_the_fingerprint_serving_names_a_model_by(tmp_path: Path) -> None:
+    # One hash of a model version: the identity a dir without a manifest is served under, and the version
+    # bpo train writes for it, come from the same fingerprint.
+    directory = model_dir(tmp_path / "bpo-mine", b"weights")
+    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
+    fingerprint = fingerprint_model_dir(directory)
+    assert hf_identity(str(directory)) == f"hf:bpo-mine@{fingerprint[:12]}"
+    written = build_manifest(directory, "bpo-mine", "base", "d1", {"epochs": 1}, {})
+    assert written.version == compute_version(fingerprint, "d1", {"epochs": 1})
+
+
+def test_the_version_follows_the_tokenizer_and_ignores_checkpoints(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path, b"weights")
+    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
+    before = build_manifest(directory, "n", "b", "d1", {}, {}).version
+    (directory / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (directory / "checkpoints" / "checkpoint-5" / "model.safetensors").write_bytes(b"step 5")
+    assert build_manifest(directory, "n", "b", "d1", {}, {}).version == before  # kept or not: same model
+    (directory / "tokenizer.json").write_text('{"version": "2.0"}')
+    assert build_manifest(directory, "n", "b", "d1", {}, {}).version != before
 
 
 def test_missing_and_broken_manifests(tmp_path: Path) -> None:
