@@ -219,10 +219,14 @@ class RewriteService:
             return Rewritten(None, False, DISABLED, "off", optimizer, None)
         tenant = tenant_of(ctx.api_key) if self.settings.cache_per_tenant and ctx.api_key else ""
         body = ctx.request.body
-        rewrites = await self._replayed_history(ctx, tenant) if self.replay_history else []
+        earlier = ctx.shape.earlier_turns(body) if self.replay_history else None
+        rewrites = await self._replayed_history(earlier, ctx, tenant) if earlier else []
         replayed = len(rewrites)
         turn = ctx.shape.newest_turn(body)
-        outcome = await self._run(ctx, turn, tenant) if turn is not None else None
+        outcome = None
+        if turn is not None:  # one optimizer call for the whole turn, unless a skip rule says no
+            outcome = self._skipped(ctx, turn) or await self.pipeline.run(turn.prompt.text, ctx.decision.mode,
+                                                                           tenant)
         if turn is not None and outcome is not None and outcome.applied:
             rewrites.append((turn, outcome.text))
         new_body = ctx.shape.put_back(ctx.request.exact_body, rewrites) if rewrites else None
@@ -235,21 +239,21 @@ class RewriteService:
         return Rewritten(new_body, True, None, outcome.cache, outcome.optimizer, outcome.text,
                          history_replayed=replayed)
 
-    async def _run(self, ctx: RequestContext, turn: UserTurn, tenant: str) -> Outcome:
-        """The newest turn through the skip policy, then the pipeline (one optimizer call for the whole turn)."""
+    def _skipped(self, ctx: RequestContext, turn: UserTurn) -> Outcome | None:
+        """The newest turn's outcome when a skip rule keeps it from the optimizer."""
         text = turn.prompt.text
-        if len(text) <= self.pipeline.max_chars:  # past it the pipeline answers too-long, for free
-            key_rules = ctx.client.key.skip_rules if ctx.client is not None else None
-            skipped = self.skip.first_match(Candidate(text, ctx.shape.json_schema(ctx.request.body)),
-                                            ctx.request.model, key_rules)
-            if skipped is not None:
-                return Outcome(text, False, skipped, "off", self.pipeline.optimizer.identity)
-        return await self.pipeline.run(text, ctx.decision.mode, tenant)
+        if len(text) > self.pipeline.max_chars:  # the pipeline answers too-long, for free
+            return None
+        key_rules = ctx.client.key.skip_rules if ctx.client is not None else None
+        skipped = self.skip.first_match(Candidate(text, ctx.shape.json_schema(ctx.request.body)),
+                                        ctx.request.model, key_rules)
+        return None if skipped is None else Outcome(text, False, skipped, "off", self.pipeline.optimizer.identity)
 
-    async def _replayed_history(self, ctx: RequestContext, tenant: str) -> list[tuple[UserTurn, str]]:
+    async def _replayed_history(self, earlier: list[UserTurn], ctx: RequestContext,
+                                tenant: str) -> list[tuple[UserTurn, str]]:
         """Earlier user turns with a cached, applied rewrite under this optimizer: (turn, rewrite) pairs."""
         rewrites = []
-        for turn in ctx.shape.earlier_turns(ctx.request.body):
+        for turn in earlier:
             rewrite = await self.pipeline.recall(turn.prompt.text, ctx.decision.mode, tenant)
             if rewrite is not None:
                 rewrites.append((turn, rewrite))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -29,9 +30,9 @@ _CODE_LINE = re.compile(
     r"|^(?:[^,\t|]*[,\t|]){2,}[^ ]*$")
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """What the rules look at: the turn's prompt and whether the request asked for schema-bound output."""
+class Candidate(NamedTuple):
+    """What the rules look at: the turn's prompt and whether the request asked for schema-bound output (a
+    tuple: one is built per rewritten request, and a frozen dataclass costs several times as much)."""
 
     prompt: str
     json_schema: bool
@@ -90,7 +91,7 @@ class SkipPolicy:
         # Decisions by (key rules, model, prompt, schema): the rules are pure, and the language and code checks
         # cost ~100 µs a prompt, as much as the rest of a cache hit (bench/README.md). Bounded: prompts are
         # client input.
-        self._decided: dict[tuple[tuple[str, ...] | None, str, str, bool], str | None] = {}
+        self._decided: dict[tuple[tuple[str, ...] | None, str, Candidate], str | None] = {}
 
     @staticmethod
     def _rules(names: tuple[str, ...]) -> tuple[SkipRule, ...]:
@@ -99,7 +100,7 @@ class SkipPolicy:
     def first_match(self, candidate: Candidate, model: str, key_rules: tuple[str, ...] | None = None) -> str | None:
         """The name of the first rule that skips ``candidate``; ``key_rules`` (a client key's own list, when
         it carries one: its ``skip_rules``) beats the model's, which beats ``--skip-rules``."""
-        memo = (key_rules, model, candidate.prompt, candidate.json_schema)
+        memo = (key_rules, model, candidate)
         if memo in self._decided:
             return self._decided[memo]
         rules = self._rules(key_rules) if key_rules is not None else self.per_model.get(model, self.default)
