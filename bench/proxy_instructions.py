@@ -8,7 +8,11 @@ alone, start-up and warm-up cancelled out. The ratio to the reference estimates 
 32 connections (throughput ~ 1 / CPU per request when the server is the bottleneck), and is the figure to
 compare code changes with. Repeat runs agree within ~3%.
 
-    python bench/proxy_instructions.py [--requests 1600] [--concurrency 32]
+    python bench/proxy_instructions.py [--requests 1600] [--concurrency 32] [--tracing]
+
+``--tracing`` also counts both gateways with OpenTelemetry on (``--otel-endpoint`` to a sink on loopback that
+accepts every export): the cost of a trace per request, its export included (the exporter's thread runs in
+the server's process, so callgrind counts it).
 
 Needs ``valgrind`` (Debian: apt-get install valgrind). Takes ~1 minute a target.
 """
@@ -24,6 +28,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
@@ -82,6 +88,25 @@ def instructions(command: list[str], port: int, health: str, requests: int, conc
     return int(found.group(1))
 
 
+def otlp_sink() -> ThreadingHTTPServer:
+    """An OTLP/HTTP receiver on loopback that takes every export and answers 200 (an empty response message)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1600, help="requests measured (beyond a 200-request run)")
@@ -89,6 +114,8 @@ def main() -> None:
     parser.add_argument("--skip-cache-hit", action="store_true", help="do not count the cache-hit gateway")
     parser.add_argument("--start-timeout", type=float, default=180,
                         help="seconds a server may take to start under valgrind (more on a loaded machine)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="also count both gateways with OpenTelemetry on, exporting to a sink on loopback")
     parser.add_argument("--servers", default="",
                         help="also count the gateway (optimizer off) on these HTTP servers, comma-separated: "
                              "uvicorn-httptools, uvicorn-h11 (bench/servers.py)")
@@ -107,6 +134,13 @@ def main() -> None:
     }
     if args.skip_cache_hit:
         del targets["bpo-proxy, cache hit"]
+    sink = None
+    if args.tracing:
+        sink = otlp_sink()
+        endpoint = f"http://127.0.0.1:{sink.server_address[1]}"
+        for name in [name for name in targets if name.startswith("bpo-proxy")]:
+            command, health = targets[name]
+            targets[f"{name}, traced"] = ([*command[:-1], "--otel-endpoint", endpoint, "--port"], health)
     for server in filter(None, args.servers.split(",")):
         targets[f"bpo-proxy, off, on {server}"] = (
             [python, servers, "gateway", "--server", server, "--upstream", upstream, "--port"], "/readyz")
@@ -128,6 +162,8 @@ def main() -> None:
     finally:
         lean.terminate()
         lean.wait(timeout=15)
+        if sink is not None:
+            sink.shutdown()
     reference = per_request["reference (aiohttp)"]
     print(f"\n  {'target':<28}{'instr/req':>12}{'x ref':>8}{'~ throughput x ref':>20}")
     for name, count in per_request.items():
