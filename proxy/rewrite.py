@@ -3,12 +3,12 @@
 Every request shape keeps a user turn's content the same way: a plain string, or a list of parts of which
 some are text (chat's ``text``, the Responses API's ``input_text``, Anthropic's ``text`` blocks) and the others
 are not (images, audio, files, tool results). ``turn_prompt`` and ``put_back`` work on such a content value
-whatever the shape; ``find_last_user_turn`` and ``replace_user_text`` apply them to a chat completion.
+whatever the shape; ``proxy.shapes.Shape`` applies them to a request of its shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,31 +68,7 @@ def put_back(content: Any, prompt: TurnPrompt, rewrite: str) -> str | list[Any]:
 
 @dataclass(slots=True)
 class UserTurn:
-    """The last message of a chat completion, when it is the user's and holds text."""
+    """A user turn of a request (``message_index`` in its conversation) and its prompt."""
 
     message_index: int
     prompt: TurnPrompt
-
-
-def find_last_user_turn(messages: Sequence[Any]) -> UserTurn | None:
-    """The last message's prompt when that message is the user's; None for any other turn or no text."""
-    if not messages:
-        return None
-    index = len(messages) - 1
-    message = messages[index]
-    if not isinstance(message, Mapping) or message.get("role") != "user":
-        return None
-    prompt = turn_prompt(message.get("content"))
-    return None if prompt is None else UserTurn(index, prompt)
-
-
-def replace_user_text(body: Mapping[str, Any], turn: UserTurn, rewrite: str) -> dict[str, Any]:
-    """A copy of ``body`` whose last user message carries ``rewrite``; nothing else changes.
-
-    Only the containers on the path to the changed text are copied, so the caller's body stays intact.
-    """
-    messages = list(body["messages"])
-    message = dict(messages[turn.message_index])
-    message["content"] = put_back(message["content"], turn.prompt, rewrite)
-    messages[turn.message_index] = message
-    return {**body, "messages": messages}

@@ -1,10 +1,11 @@
-"""The pure find/replace of a user turn's text: one turn, one prompt."""
+"""The pure find/replace of a user turn's text: one turn, one prompt (chat's shape, and any content value)."""
 
 from __future__ import annotations
 
 import copy
 
-from proxy.rewrite import PART_SEPARATOR, TurnPrompt, find_last_user_turn, put_back, replace_user_text, turn_prompt
+from proxy.rewrite import PART_SEPARATOR, TurnPrompt, put_back, turn_prompt
+from proxy.shapes import CHAT
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 
@@ -13,9 +14,9 @@ def test_plain_string_is_found_and_replaced_without_touching_the_input() -> None
     body = {"model": "m", "messages": [{"role": "system", "content": "be nice"},
                                        {"role": "user", "content": "hi", "name": "ann"}], "n": 2}
     before = copy.deepcopy(body)
-    turn = find_last_user_turn(body["messages"])
+    turn = CHAT.newest_turn(body)
     assert turn is not None and turn.prompt == TurnPrompt("hi", None)
-    new = replace_user_text(body, turn, "hello there")
+    new = CHAT.put_back(body, [(turn, "hello there")])
     assert body == before
     assert new["messages"][1] == {"role": "user", "content": "hello there", "name": "ann"}
     assert new["messages"][0] is body["messages"][0]
@@ -27,11 +28,11 @@ def test_text_parts_are_one_prompt_put_back_in_the_first_text_part() -> None:
                {"type": "text", "text": "   "}, {"type": "text", "text": "Be brief."}, IMAGE]
     before = copy.deepcopy(content)
     body = {"messages": [{"role": "user", "content": content}]}
-    turn = find_last_user_turn(body["messages"])
+    turn = CHAT.newest_turn(body)
     assert turn is not None
     assert turn.prompt.text == "Describe the chart" + PART_SEPARATOR + "Be brief."
     assert turn.prompt.part_indexes == (1, 3, 4)
-    new = replace_user_text(body, turn, "REWRITE")
+    new = CHAT.put_back(body, [(turn, "REWRITE")])
     assert new["messages"][0]["content"] == [IMAGE, {"type": "text", "text": "REWRITE"},
                                              {"type": "input_audio", "input_audio": {}}, IMAGE]
     assert content == before
@@ -56,10 +57,9 @@ def test_many_parts_are_one_pass() -> None:
 
 
 def test_turns_that_do_not_end_with_user_text_are_left_alone() -> None:
-    assert find_last_user_turn([]) is None
-    assert find_last_user_turn([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) is None
-    assert find_last_user_turn([{"role": "tool", "tool_call_id": "1", "content": "42"}]) is None
-    assert find_last_user_turn([{"role": "user", "content": "   "}]) is None
-    assert find_last_user_turn([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]) is None
-    assert find_last_user_turn([{"role": "user", "content": [{"type": "text", "text": " "}]}]) is None
-    assert find_last_user_turn([{"role": "user", "content": None}]) is None
+    for messages in ([], [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                     [{"role": "tool", "tool_call_id": "1", "content": "42"}], [{"role": "user", "content": "   "}],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+                     [{"role": "user", "content": [{"type": "text", "text": " "}]}],
+                     [{"role": "user", "content": None}]):
+        assert CHAT.newest_turn({"messages": messages}) is None, messages
