@@ -159,7 +159,8 @@ def measure_instructions(targets: Targets, args: argparse.Namespace) -> dict[str
         counts = []
         for requests in (200, args.requests + 200):
             port = free_port()
-            counts.append(instructions([*command, str(port)], port, "/readyz", requests, args.concurrency, key))
+            counts.append(instructions([*command, str(port)], port, "/readyz", requests, args.concurrency,
+                                        start_timeout=600, key=key))
         per_request[name] = (counts[1] - counts[0]) / args.requests
         print(f"  {name:<34}{per_request[name]:12,.0f}", flush=True)
     return per_request
