@@ -23,7 +23,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -72,15 +72,24 @@ class KeyRecord:
 
 
 _SETTLEMENTS = itertools.count()
-_THIS_RUN = uuid.uuid4().hex[:16]
+_this_run = ""
 
 
-def _settlement_id() -> str:
-    """Unique across replicas and restarts, without a random draw per request (one per process start)."""
-    return f"{_THIS_RUN}{os.getpid()}-{next(_SETTLEMENTS)}"
+def _new_run() -> None:
+    global _this_run
+    _this_run = f"{uuid.uuid4().hex[:16]}{os.getpid()}-"
 
 
-@dataclass(frozen=True)
+_new_run()
+os.register_at_fork(after_in_child=_new_run)  # a forked worker must not repeat its parent's ids
+
+
+def settlement_id() -> str:
+    """Unique across replicas, workers and restarts, without a random draw per settlement."""
+    return f"{_this_run}{next(_SETTLEMENTS)}"
+
+
+@dataclass(slots=True)  # not frozen: one is built per request, and a frozen dataclass costs several times as much
 class Settlement:
     """A finished request's account: its reservation released, its actual cost and token correction."""
 
@@ -91,22 +100,24 @@ class Settlement:
     # their part and leave the rest to the lease (``proxy/leases.py``).
     release: float | None = None
     requests_delta: float = 0  # rpm correction (a lease's unused requests given back)
-    id: str = field(default_factory=_settlement_id)  # a retried write applies it once (Redis)
+    # Set when it is queued for a write (``merge_settlements``): a retried write applies it once (Redis).
+    id: str = ""
 
 
 def merge_settlements(items: Sequence[Settlement]) -> list[Settlement]:
-    """One settlement per reservation (and one for those without): a lease's many requests become one write.
-    Freeing a whole reservation subsumes freeing parts of it."""
+    """One settlement per reservation (and one for those without), each with its write id: a lease's many
+    requests become one write. Freeing a whole reservation subsumes freeing parts of it."""
     merged: dict[str | None, Settlement] = {}
     for item in items:
         seen = merged.get(item.reservation)
         if seen is None:
-            merged[item.reservation] = item
+            merged[item.reservation] = Settlement(item.reservation, item.cost, item.tokens_delta, item.release,
+                                                  item.requests_delta, settlement_id())
             continue
-        release = None if seen.release is None or item.release is None else seen.release + item.release
-        merged[item.reservation] = Settlement(item.reservation, seen.cost + item.cost,
-                                              seen.tokens_delta + item.tokens_delta, release,
-                                              seen.requests_delta + item.requests_delta)
+        seen.cost += item.cost
+        seen.tokens_delta += item.tokens_delta
+        seen.requests_delta += item.requests_delta
+        seen.release = None if seen.release is None or item.release is None else seen.release + item.release
     return list(merged.values())
 
 

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from optimizer.urls import redact_url
 from proxy.keys import ClientKey, key_from_spec
-from proxy.keystore import KeyRecord, KeyStoreError, Settlement, reservation_id
+from proxy.keystore import KeyRecord, KeyStoreError, Settlement, reservation_id, settlement_id
 from proxy.limits import LEASE_SHARE, Admission, Ask
 
 T = TypeVar("T")
@@ -267,8 +267,8 @@ class RedisKeyStore:
         args: list[Any] = [key.rpm or 0, key.tpm or 0, key.period_seconds]
         for item in settlements:
             release = "" if item.release is None else repr(item.release)
-            args += [item.id, item.reservation or "", repr(item.cost), repr(float(item.tokens_delta)), release,
-                     repr(float(item.requests_delta))]
+            args += [item.id or settlement_id(), item.reservation or "", repr(item.cost),
+                     repr(float(item.tokens_delta)), release, repr(float(item.requests_delta))]
         keys = [self._key(key.id, "usage"), self._key(key.id, "resv"), self._key(key.id, "settled")]
         await self._call(self._settle(keys=keys, args=args))
 

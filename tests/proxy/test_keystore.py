@@ -11,7 +11,15 @@ import pytest
 import redis
 
 from proxy.keys import ClientKey, hash_key, new_id
-from proxy.keystore import KeyStore, KeyStoreError, Settlement, SqliteKeyStore, build_key_store, count_keys_now
+from proxy.keystore import (
+    KeyStore,
+    KeyStoreError,
+    Settlement,
+    SqliteKeyStore,
+    build_key_store,
+    count_keys_now,
+    merge_settlements,
+)
 from proxy.limits import Ask
 from tests.fakes.fixtures import SHARED_REDIS_URL
 
@@ -234,10 +242,10 @@ async def test_a_settlement_written_twice_counts_once_on_redis(open_store: OpenS
     store = await started(open_store())
     key = make_key(max_budget_usd=5.0)
     await store.put(key)
-    settlement = Settlement(None, 0.4, 0)
-    await store.settle(key, [settlement])
+    queued = merge_settlements([Settlement(None, 0.4, 0)])  # queued for a write: it has its id now
+    await store.settle(key, queued)
     if not isinstance(store, SqliteKeyStore):
-        await store.settle(key, [settlement])
+        await store.settle(key, queued)
     [record] = await store.list_keys()
     assert record.spend_usd == pytest.approx(0.4)
 
