@@ -1,8 +1,9 @@
-"""Fixtures for the optimizer tests: the shared Redis (per-test namespace) and a private redis-server."""
+"""Fixtures for the optimizer tests: the shared Redis (per-test namespace), a private redis-server, a model dir."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -26,3 +27,15 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A small model directory: config, tokenizer, weights, and a file that is not part of the model."""
+    directory = tmp_path / "bpo-model"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (directory / "README.md").write_text("notes")
+    return directory

@@ -10,17 +10,6 @@ import pytest
 from optimizer.fingerprint import fingerprint_model_dir, fingerprint_weights_file
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "bpo-model"
-    directory.mkdir()
-    (directory / "config.json").write_text('{"model_type": "llama"}')
-    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
-    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 64)
-    (directory / "README.md").write_text("notes")
-    return directory
-
-
 def test_fingerprint_is_stable_and_ignores_non_model_files(model_dir: Path, tmp_path: Path) -> None:
     before = fingerprint_model_dir(model_dir)
     (model_dir / "README.md").write_text("other notes")

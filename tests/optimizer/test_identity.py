@@ -11,17 +11,6 @@ from optimizer.identity import hf_identity, remote_identity
 from optimizer.manifest import Manifest, compute_version, write_manifest
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "bpo-model"
-    directory.mkdir()
-    (directory / "config.json").write_text('{"model_type": "llama"}')
-    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
-    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 64)
-    (directory / "README.md").write_text("notes")
-    return directory
-
-
 def test_hf_identity_prefers_manifest_then_fingerprint_then_hub_revision(model_dir: Path) -> None:
     assert hf_identity(str(model_dir)) == f"hf:bpo-model@{fingerprint_model_dir(model_dir)[:12]}"
     (model_dir / "bpo_manifest.json").write_text('{"name": "broken"}')
