@@ -62,7 +62,7 @@ async def test_many_requests_at_once_take_one_lease(store: SqliteKeyStore) -> No
     replica = Replica(store)
     taken = await asyncio.gather(*(replica.take(key, Ask(0, 0.0, 60)) for _ in range(50)))
     assert all(isinstance(lease, Lease) for lease in taken)
-    assert replica.store_calls == 1  # one lease of 100 requests (a tenth of 10,000 free, at most 100)
+    assert replica.store_calls == 1  # one lease of 1,000 requests (a tenth of 10,000 free)
     assert len({id(lease) for lease in taken}) == 1
 
 
