@@ -106,9 +106,17 @@ class Settlement:
 
 def merge_settlements(items: Sequence[Settlement]) -> list[Settlement]:
     """One settlement per reservation (and one for those without), each with its write id: a lease's many
-    requests become one write. Freeing a whole reservation subsumes freeing parts of it."""
+    requests become one write. Freeing a whole reservation subsumes freeing parts of it.
+
+    A settlement that has an id already was merged for a write that failed: it is kept as it is, so that if
+    that write landed after all, Redis still applies it once.
+    """
     merged: dict[str | None, Settlement] = {}
+    written: list[Settlement] = []
     for item in items:
+        if item.id:
+            written.append(item)
+            continue
         seen = merged.get(item.reservation)
         if seen is None:
             merged[item.reservation] = Settlement(item.reservation, item.cost, item.tokens_delta, item.release,
@@ -118,7 +126,7 @@ def merge_settlements(items: Sequence[Settlement]) -> list[Settlement]:
         seen.tokens_delta += item.tokens_delta
         seen.requests_delta += item.requests_delta
         seen.release = None if seen.release is None or item.release is None else seen.release + item.release
-    return list(merged.values())
+    return [*written, *merged.values()]
 
 
 class KeyStore(Protocol):

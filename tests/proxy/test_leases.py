@@ -151,3 +151,11 @@ def test_settlements_of_one_lease_merge_into_one_write() -> None:
     assert merged["r1"].tokens_delta == -2 and merged[None].cost == 0.5 and merged["r2"].requests_delta == -2
     closing = merge_settlements([Settlement("r1", 0.1, 0, 0.1), Settlement("r1", 0.1, 0, None)])
     assert len(closing) == 1 and closing[0].release is None and closing[0].cost == pytest.approx(0.2)
+
+
+def test_a_settlement_whose_write_failed_keeps_its_id_when_merged_again() -> None:
+    """The retry of a write that may have landed must be recognised by Redis: same settlement, same id."""
+    [failed] = merge_settlements([Settlement("r1", 0.1, 0, 0.1), Settlement("r1", 0.2, 0, 0.2)])
+    again = merge_settlements([failed, Settlement("r1", 0.3, 0, 0.3)])
+    assert again[0] is failed and again[0].cost == pytest.approx(0.3)
+    assert len(again) == 2 and again[1].id not in ("", failed.id) and again[1].cost == pytest.approx(0.3)
