@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -64,8 +65,14 @@ def write_config(directory: Path, upstream: str) -> Path:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """The process's CPU time so far, to the nanosecond: the sum of its threads' ``schedstat`` (``/proc/PID/stat``
+    counts clock ticks: ~3 µs a request over 3,000 requests). The server's threads (the key store's, the
+    event loop's executor) live as long as it does, so no thread's time is lost between two readings."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def cpu_per_request(command: list[str], key: str, requests: int, concurrency: int) -> float:
