@@ -21,7 +21,7 @@ from optimizer.reload import ReloadableOptimizer, install_sighup
 from proxy.ab import ArmAssigner
 from proxy.admin import admin_routes
 from proxy.budget import Pricing
-from proxy.clients import ClientGuard, charge_side_spend
+from proxy.clients import ClientGuard, charge_side_spend, take_client_key
 from proxy.dashboard import dashboard_routes
 from proxy.errors import ProxyError, error_response
 from proxy.events import build_sink
@@ -177,12 +177,13 @@ class Gateway(Starlette):
                 await self.__call__(scope, receive, send)
             return
         clients = self.clients
-        if (clients is not None and clients.active and scope["type"] == "http"
-                and _api_path(scope).startswith("/v1/")):
-            refused = await clients.check(scope)
-            if refused is not None:
-                await refused(scope, receive, send)
-                return
+        if clients is not None and clients.active and scope["type"] == "http" and _api_path(scope).startswith("/v1/"):
+            presented = take_client_key(scope)
+            if not clients.admit_known(scope, presented):  # the common request (a known key) needs no await
+                refused = await clients.check(scope, presented)
+                if refused is not None:
+                    await refused(scope, receive, send)
+                    return
         shape = _REWRITING.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if shape is not None and not scope.get("root_path"):
             scope["app"] = self

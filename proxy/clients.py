@@ -26,7 +26,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import Response
@@ -48,12 +47,17 @@ CLIENT = "bpo.client"  # the scope entry that carries the request's ClientContex
 # Routes that admit their own requests with the model and worst case known (``ClientContext.admit``): the
 # rewriting routes (``RewriteService``).
 METERED_PATHS = frozenset(shape.path for shape in SHAPES)
-CLIENT_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+CLIENT_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})  # all taken out
 MAX_CACHED_KEYS = 10_000
 # The request's key, for spend the gateway causes on its behalf off the request's own code path (the llm:
 # optimizer, the shadow judge): set by ``check`` in the request's task, inherited by the tasks it starts.
 CURRENT_CLIENT: contextvars.ContextVar[ClientContext | None] = contextvars.ContextVar("bpo_client", default=None)
-SETTLE_INTERVAL = 0.05
+# How long the settler gathers finished requests before it writes them (one write per key). A write costs
+# the event loop far more in a busy process than alone (a thread hop and SQLite's GIL handoffs, or a Redis
+# script): at 0.05 s it was ~8 µs a request at ~3,000 requests/s (``bench/README.md``, "Client keys").
+# Spend shows in ``GET /admin/keys`` that much later; admission never waits for it (a lease refill writes the
+# key's queued settlements first), and budgets hold regardless (reservations).
+SETTLE_INTERVAL = 0.5
 
 
 class KeyStoreUnavailable(ProxyError):
@@ -85,29 +89,36 @@ def charge_side_spend(model: str, usage: Mapping[str, Any] | None) -> None:
         context.guard.record(context.key, Settlement(None, price.cost(*tokens), 0))
 
 
-def presented_key(headers: list[tuple[bytes, bytes]], path: str) -> str | None:
-    """``Authorization: Bearer KEY``, or ``x-api-key: KEY`` on ``/v1/messages`` (Anthropic's SDK sends that)."""
+def take_client_key(scope: Scope) -> str | None:
+    """The client's key, taken out of the request: ``Authorization: Bearer KEY``, or ``x-api-key: KEY`` on
+    ``/v1/messages`` (Anthropic's SDK sends that). Every client-key header goes, whatever it holds, so
+    nothing downstream can forward one."""
     bearer = api_key = None
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
+    kept = []
+    for header in scope["headers"]:
+        name = header[0]
+        if name not in CLIENT_KEY_HEADERS:
+            kept.append(header)
+        elif name == b"authorization":
+            scheme, _, token = header[1].decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 bearer = token.strip()
-        elif name == b"x-api-key" and path.startswith("/v1/messages"):
-            api_key = value.decode("latin-1").strip() or None
+        elif name == b"x-api-key" and scope["path"].startswith("/v1/messages"):
+            api_key = header[1].decode("latin-1").strip() or None
+    scope["headers"] = kept
     return bearer or api_key
 
 
-@dataclass
 class Meter:
     """One admitted request's account, settled when its response is complete."""
 
-    context: ClientContext
-    model: str
-    price: Price | None
-    reserved_cost: float
-    reserved_tokens: int
-    lease: Lease | None  # None: the key has no limits, nothing was reserved
+    __slots__ = ("context", "lease", "price", "reserved_cost", "reserved_tokens")
+
+    def __init__(self, context: ClientContext, price: Price | None, ask: Ask, lease: Lease | None) -> None:
+        self.context = context
+        self.price = price
+        self.reserved_tokens, self.reserved_cost = ask.tokens, ask.cost
+        self.lease = lease  # None: the key has no limits, nothing was reserved
 
     def settle(self, status: int, usage: Mapping[str, Any] | None) -> float:
         """Charge the actual cost (from the upstream's usage). With no usage on a success the worst case
@@ -118,11 +129,11 @@ class Meter:
         elif tokens is None:
             cost, used = self.reserved_cost, self.reserved_tokens
         else:
-            cost = self.price.cost(*tokens) if self.price else 0.0
+            cost = self.price.cost(tokens[0], tokens[1]) if self.price else 0.0
             used = tokens[0] + tokens[1]
         key, guard = self.context.key, self.context.guard
         if self.lease is None:
-            guard.record(key, Settlement(None, cost, used - self.reserved_tokens))
+            guard.charge(key, cost)
         else:
             guard.leases.settle(key, self.lease, self.reserved_cost, cost, used - self.reserved_tokens)
         return cost
@@ -133,20 +144,49 @@ class ClientContext:
 
     __slots__ = ("admitted", "guard", "key")
 
-    def __init__(self, key: ClientKey, guard: ClientGuard) -> None:
+    def __init__(self, key: ClientKey, guard: ClientGuard, admitted: bool) -> None:
         self.key = key
         self.guard = guard
-        self.admitted = False
+        self.admitted = admitted  # by the check itself; a metered route admits its request later
 
     @property
     def name(self) -> str:
         return self.key.name
 
-    async def admit(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> Meter:
-        """Admit a request for ``model``: 403 if the key may not use it, 429 if over a limit or the budget.
+    def admit_now(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> Meter | None:
+        """Admit a request for ``model`` without waiting, when the store has no part in it: a key without
+        limits, or one whose lease in this process holds the request. None: ``admit_from_store`` decides.
 
-        ``sent_bytes`` bounds the prompt from above (``proxy/budget.py``).
+        Raises 403 if the key may not use the model. ``sent_bytes`` bounds the prompt from above
+        (``proxy/budget.py``).
         """
+        key, guard = self.key, self.guard
+        price, ask = self._ask(model, body, sent_bytes)
+        lease = None
+        if key.limited:
+            lease = guard.leases.take_now(key, ask)
+            if lease is None:
+                return None
+        guard.count(key.name, "ok")
+        self.admitted = True
+        return Meter(self, price, ask, lease)
+
+    async def admit_from_store(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> Meter:
+        """Admit a request that needs a new lease from the store; 429 if over a limit or the budget."""
+        price, ask = self._ask(model, body, sent_bytes)
+        lease = await self.guard.admit(self.key, ask) if self.key.limited else None
+        if lease is None:
+            self.guard.count(self.key.name, "ok")
+        self.admitted = True
+        return Meter(self, price, ask, lease)
+
+    async def admit(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> Meter:
+        """``admit_now``, else ``admit_from_store``."""
+        meter = self.admit_now(model, body, sent_bytes)
+        return meter if meter is not None else await self.admit_from_store(model, body, sent_bytes)
+
+    def _ask(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> tuple[Price | None, Ask]:
+        """The model's price and the request's worst case; 403 when the key may not use the model."""
         key, guard = self.key, self.guard
         if not key.allows(model):
             guard.count(key.name, "model_not_allowed")
@@ -158,15 +198,7 @@ class ClientContext:
                             "route's model_info input_cost_per_token and output_cost_per_token.", param="model",
                             code="model_not_allowed")
         output = worst_case_output(body, guard.settings.budget_default_max_tokens)
-        tokens = sent_bytes + output
-        cost = price.cost(sent_bytes, output) if price else 0.0
-        lease = None
-        if key.limited:
-            lease = await guard.admit(key, Ask(tokens, cost, guard.hold_seconds))
-        else:
-            guard.count(key.name, "ok")
-        self.admitted = True
-        return Meter(self, model, price, cost, tokens, lease)
+        return price, Ask(sent_bytes + output, price.cost(sent_bytes, output) if price else 0.0, guard.hold_seconds)
 
 
 class ClientGuard:
@@ -179,14 +211,16 @@ class ClientGuard:
         self.metrics = metrics
         self.pricing = pricing
         self.clock = clock
+        self.count = metrics.client_request  # (key name, outcome) of one check
         self.mode = settings.client_auth
         self.active = self.mode == "on"  # read on every request: "is client auth on now?"
         self.hold_seconds = settings.upstream_timeout + 60.0
-        self.leases = Leases(self.record, clock)
+        self._wake = asyncio.Event()  # something to write: the settler's next round
+        self.leases = Leases(self._wake.set, clock)
         self._cache: OrderedDict[str, tuple[ClientKey | None, float]] = OrderedDict()
         self._config_keys = {key.key_hash: key for key in settings.keys}
         self._pending: dict[str, tuple[ClientKey, list[Settlement]]] = {}
-        self._wake = asyncio.Event()
+        self._spend: dict[str, tuple[ClientKey, float]] = {}  # per key id, of keys without limits (``charge``)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -230,10 +264,35 @@ class ClientGuard:
             await asyncio.sleep(self.settings.key_cache_seconds)
             await self.refresh_auto()
 
-    async def check(self, scope: Scope) -> Response | None:
-        """The one check on every ``/v1/*`` request while client auth is on; None lets the request go on."""
+    def admit_known(self, scope: Scope, presented: str | None) -> bool:
+        """``check`` without the store, for the common request: True when its key is known here (the
+        config's, or cached within ``--key-cache-seconds``) and the request needs nothing from the store
+        before its route (a metered route admits it itself; a key without limits), and then its context is
+        attached. False: ``check`` decides (no key, an unknown or invalid one, the store to ask)."""
+        if presented is None:
+            return False
+        digest = hash_key(presented)
+        key = self._config_keys.get(digest)
+        if key is None:
+            cached = self._cache.get(digest)
+            if cached is None or cached[0] is None or self.clock() - cached[1] >= self.settings.key_cache_seconds:
+                return False
+            key = cached[0]
+        if not same_hash(key.key_hash, digest):
+            return False
+        admitted = scope["method"] != "POST" or scope["path"] not in METERED_PATHS
+        if admitted:
+            if key.limited:
+                return False
+            self.count(key.name, "ok")
+        context = scope[CLIENT] = ClientContext(key, self, admitted)
+        CURRENT_CLIENT.set(context)
+        return True
+
+    async def check(self, scope: Scope, presented: str | None) -> Response | None:
+        """The one check on every ``/v1/*`` request while client auth is on, for the key ``presented`` (taken
+        out of the request by ``take_client_key``); None lets the request go on."""
         path: str = scope["path"]
-        presented = presented_key(scope["headers"], path)
         try:
             if presented is None:
                 self.count("", "invalid_key")
@@ -242,15 +301,14 @@ class ClientGuard:
             if key is None:
                 self.count("", "invalid_key")
                 raise Unauthorized("The client key is not valid (unknown or revoked).")
-            scope["headers"] = [h for h in scope["headers"] if h[0] not in CLIENT_KEY_HEADERS]
-            context = scope[CLIENT] = ClientContext(key, self)
-            CURRENT_CLIENT.set(context)
-            if not (path in METERED_PATHS and scope["method"] == "POST"):
+            admitted = scope["method"] != "POST" or path not in METERED_PATHS
+            if admitted:
                 if key.limited:
                     await self.admit(key, Ask(0, 0.0, self.hold_seconds))
                 else:
                     self.count(key.name, "ok")
-                context.admitted = True
+            scope[CLIENT] = context = ClientContext(key, self, admitted)
+            CURRENT_CLIENT.set(context)
         except ProxyError as exc:
             return error_for_path(path, exc)  # Anthropic's shape on /v1/messages, OpenAI's elsewhere
         return None
@@ -286,7 +344,7 @@ class ClientGuard:
         """Admits ``ask`` from this process's lease of the key's limits, or from a new one the store grants
         (``proxy/leases.py``); raises the refusal. Returns the lease, to settle the request against."""
         try:
-            taken = await self.leases.take(key, ask, lambda most: self.store.admit(key, ask, most))
+            taken = await self.leases.take(key, ask, lambda most: self._lease_from_store(key, ask, most))
         except KeyStoreError as exc:
             log.error("key store unreachable, refusing the request: %s", exc)
             self.count(key.name, "store_unavailable")
@@ -296,6 +354,16 @@ class ClientGuard:
             raise self._refusal(key, taken)
         self.count(key.name, "ok")
         return taken
+
+    async def _lease_from_store(self, key: ClientKey, ask: Ask, most: int) -> Admission:
+        """A new lease, once the store knows what this process's earlier requests of the key spent and gave
+        back: its queued settlements go first, so a key near its limit is not refused for budget that a
+        settled request here already freed."""
+        queued = [settlement for _, settlement in self.leases.accounts(key.id)]
+        pending = self._pending.pop(key.id, None)
+        if pending is not None or queued:
+            await self._write(key, [*(pending[1] if pending else []), *queued], retries=0)
+        return await self.store.admit(key, ask, most)
 
     def _refusal(self, key: ClientKey, admission: Admission) -> ProxyError:
         headers = {"retry-after": str(admission.retry_after)} if admission.retry_after else {}
@@ -313,16 +381,26 @@ class ClientGuard:
         self.count("", "invalid_key")
         return Unauthorized("The client key is not valid (unknown or revoked).")
 
-    def count(self, key_name: str, outcome: str) -> None:
-        self.metrics.client_request(key_name, outcome)
+    def charge(self, key: ClientKey, cost: float) -> None:
+        """A finished request of a key without limits: only its spend is written (summed per key)."""
+        if cost:
+            self.metrics.key_spend(key.name, cost)
+            spend = self._spend
+            if not spend:  # the first since the last write (while any is summed, the settler is awake)
+                self._wake.set()
+            summed = spend.get(key.id)
+            spend[key.id] = (key, cost if summed is None else summed[1] + cost)
 
     def record(self, key: ClientKey, settlement: Settlement) -> None:
-        """Queue a finished request's account for the store; the settler writes it within ~50 ms."""
+        """Queue a finished request's account for the store; the settler writes it within ``SETTLE_INTERVAL``."""
         if settlement.cost:
             self.metrics.key_spend(key.name, settlement.cost)
         if not (settlement.cost or (settlement.reservation and settlement.release != 0)
                 or (key.tpm and settlement.tokens_delta) or (key.rpm and settlement.requests_delta)):
             return
+        self._queue(key, settlement)
+
+    def _queue(self, key: ClientKey, settlement: Settlement) -> None:
         entry = self._pending.get(key.id)
         if entry is None:
             self._pending[key.id] = (key, [settlement])
@@ -338,21 +416,29 @@ class ClientGuard:
             await self._flush(retries=1)
 
     async def _flush(self, retries: int) -> None:
+        spend, self._spend = self._spend, {}
+        for key, cost in spend.values():
+            self._pending.setdefault(key.id, (key, []))[1].append(Settlement(None, cost, 0))
+        for key, settlement in self.leases.accounts():
+            self._pending.setdefault(key.id, (key, []))[1].append(settlement)
         pending, self._pending = self._pending, {}
-        for key_id, (key, queued) in pending.items():
-            items = merge_settlements(queued)  # once: a retry writes the same settlements (Redis skips repeats)
-            for attempt in range(retries + 1):
-                try:
-                    await self.store.settle(key, items)
-                    break
-                except KeyStoreError as exc:
-                    log.error("could not settle %d request(s) of key %s (attempt %d): %s", len(items),
-                              key.name, attempt + 1, exc)
+        for key, queued in pending.values():
+            await self._write(key, queued, retries)
+
+    async def _write(self, key: ClientKey, queued: list[Settlement], retries: int) -> None:
+        items = merge_settlements(queued)  # once: a retry writes the same settlements (Redis skips repeats)
+        for attempt in range(retries + 1):
+            try:
+                await self.store.settle(key, items)
+                return
+            except KeyStoreError as exc:
+                log.error("could not settle %d request(s) of key %s (attempt %d): %s", len(items),
+                          key.name, attempt + 1, exc)
+                if attempt < retries:
                     await asyncio.sleep(0.2 * (attempt + 1))
-            else:  # kept for the next round: spend is written late, never lost or written twice
-                entry = self._pending.setdefault(key_id, (key, []))
-                entry[1][:0] = items
-                self._wake.set()
+        # Kept for the next round: spend is written late, never lost or written twice.
+        self._pending.setdefault(key.id, (key, []))[1][:0] = items
+        self._wake.set()
 
     async def flush(self) -> None:
         """Write every queued settlement now (tests and shutdown)."""

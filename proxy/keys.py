@@ -43,11 +43,13 @@ class ClientKey:
     skip_rules: tuple[str, ...] | None = None  # the skip policy's rules for this key; None: the route's
     source: Literal["api", "config"] = "api"
     created: float = field(default_factory=time.time)
+    # Whether admitting a request needs the store (a rate limit or a budget to check). A field, not a
+    # property: it is read on every request.
+    limited: bool = field(init=False, compare=False, repr=False)
 
-    @property
-    def limited(self) -> bool:
-        """Whether admitting a request needs the store (a rate limit or a budget to check)."""
-        return self.rpm is not None or self.tpm is not None or self.max_budget_usd is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limited",
+                           self.rpm is not None or self.tpm is not None or self.max_budget_usd is not None)
 
     @property
     def period_seconds(self) -> int:
@@ -79,8 +81,8 @@ def hash_key(key: str) -> str:
 
 
 def same_hash(a: str, b: str) -> bool:
-    """Constant-time comparison of two key hashes."""
-    return hmac.compare_digest(a.encode(), b.encode())
+    """Constant-time comparison of two key hashes (hex digests: ASCII, which ``compare_digest`` takes as str)."""
+    return hmac.compare_digest(a, b)
 
 
 def new_id() -> str:

@@ -38,9 +38,11 @@ LEASE_SECONDS: Final = 1.0
 
 
 class Lease:
-    """What is left of one slice of a key's limits in this process."""
+    """What is left of one slice of a key's limits in this process, and what its requests did that the store
+    has not been told yet (its *account*: summed per lease, written as one settlement)."""
 
-    __slots__ = ("expires", "in_flight", "requests", "reservation", "retired", "tokens", "usd")
+    __slots__ = ("closed", "expires", "freed", "in_flight", "requests", "requests_delta", "reservation", "retired",
+                 "spent", "tokens", "tokens_delta", "usd")
 
     def __init__(self, key: ClientKey, ask: Ask, admission: Admission, expires: float) -> None:
         count = admission.granted
@@ -51,6 +53,9 @@ class Lease:
         self.expires = expires
         self.in_flight = 0  # admitted requests holding part of the reservation, not yet settled
         self.retired = False
+        # The account: spend, bucket corrections and reservation freed since it was last written.
+        self.spent = self.tokens_delta = self.requests_delta = self.freed = 0.0
+        self.closed = False  # the reservation is done with: the account deletes it
 
     def take(self, ask: Ask, tpm: int | None, now: float) -> bool:
         """Admit ``ask`` from this lease, if it is live and holds enough."""
@@ -64,45 +69,69 @@ class Lease:
             self.in_flight += 1
         return True
 
-    def retire(self) -> Settlement | None:
-        """No more requests on this lease: what to give back to the store (None: nothing)."""
+    def retire(self) -> None:
+        """No more requests on this lease: what it did not use goes back to the store with its account."""
         self.retired = True
-        unused_requests = self.requests if math.isfinite(self.requests) else 0.0
-        unused_tokens = self.tokens if math.isfinite(self.tokens) else 0.0
-        unused_usd = self.usd if math.isfinite(self.usd) else 0.0
+        self.requests_delta -= self.requests if math.isfinite(self.requests) else 0.0
+        self.tokens_delta -= self.tokens if math.isfinite(self.tokens) else 0.0
+        self.freed += self.usd if math.isfinite(self.usd) else 0.0
         self.requests = self.tokens = self.usd = 0.0
-        close = self.reservation is not None and self.in_flight == 0
-        if not (unused_requests or unused_tokens or unused_usd or close):
-            return None
-        return Settlement(self.reservation, 0.0, -unused_tokens, None if close else unused_usd, -unused_requests)
+        self.closed = self.reservation is not None and self.in_flight == 0
 
-    def settle(self, reserved_cost: float, cost: float, tokens_delta: float) -> Settlement:
-        """A request admitted on this lease finished: its actual cost and token correction for the store."""
-        if reserved_cost <= 0:
-            return Settlement(None, cost, tokens_delta)
+    def settle(self, reserved_cost: float, cost: float, tokens_delta: float) -> None:
+        """A request admitted on this lease finished: its actual cost and token correction, into the account."""
+        self.spent += cost
+        self.tokens_delta += tokens_delta
+        if reserved_cost <= 0:  # it held no part of the reservation
+            return
         self.in_flight -= 1
-        if not self.retired:  # the rest of its worst case is this lease's again
+        if not self.retired:  # the rest of its worst case is this lease's again; its cost leaves the reservation
             self.usd += reserved_cost - cost
-            return Settlement(self.reservation, cost, tokens_delta, cost)
-        # A retired lease: the request frees its whole worst case; the last one closes the reservation.
-        return Settlement(self.reservation, cost, tokens_delta, None if self.in_flight == 0 else reserved_cost)
+            self.freed += cost
+        elif self.in_flight == 0:  # the last request of a retired lease closes its reservation
+            self.closed = True
+        else:  # a retired lease: the request frees its whole worst case
+            self.freed += reserved_cost
+
+    def account(self, key: ClientKey) -> Settlement | None:
+        """The account as one settlement for the store, and a fresh one begun (None: nothing to write)."""
+        reservation = self.reservation
+        settlement = Settlement(reservation, self.spent, self.tokens_delta if key.tpm else 0.0,
+                                None if self.closed else self.freed, self.requests_delta if key.rpm else 0.0)
+        self.spent = self.tokens_delta = self.requests_delta = self.freed = 0.0
+        if self.closed:
+            self.reservation = None  # deleted by this settlement: never named again
+            self.closed = False
+        if settlement.cost or settlement.tokens_delta or settlement.requests_delta or (
+                reservation is not None and settlement.release != 0):
+            return settlement
+        return None
 
 
 class Leases:
-    """This process's current lease per key. ``take`` admits locally or asks the store for a new lease."""
+    """This process's current lease per key. ``take`` admits locally or asks the store for a new lease;
+    ``accounts`` hands what the leases' requests did to the settler."""
 
-    def __init__(self, record: Callable[[ClientKey, Settlement], None], clock: Callable[[], float]) -> None:
-        self._record = record  # queues a settlement for the store (``ClientGuard.record``)
+    def __init__(self, on_account: Callable[[], None], clock: Callable[[], float]) -> None:
+        self._on_account = on_account  # a lease has an account to write: wakes the settler
         self._clock = clock
         self._current: dict[str, tuple[ClientKey, Lease]] = {}
         self._refilling: dict[str, asyncio.Lock] = {}
+        self._unwritten: dict[Lease, ClientKey] = {}  # leases whose account the store has not seen
+
+    def take_now(self, key: ClientKey, ask: Ask) -> Lease | None:
+        """The current lease, if it admits ``ask``; None: a new lease is needed (``take``)."""
+        current = self._current.get(key.id)
+        if current is not None and current[1].take(ask, key.tpm, self._clock()):
+            return current[1]
+        return None
 
     async def take(self, key: ClientKey, ask: Ask,
                    lease_from_store: Callable[[int], Awaitable[Admission]]) -> Lease | Admission:
         """The lease ``ask`` was admitted on, or the store's refusal."""
-        current = self._current.get(key.id)
-        if current is not None and current[1].take(ask, key.tpm, self._clock()):
-            return current[1]
+        current_lease = self.take_now(key, ask)
+        if current_lease is not None:
+            return current_lease
         lock = self._refilling.get(key.id)
         if lock is None:
             lock = self._refilling[key.id] = asyncio.Lock()
@@ -123,7 +152,24 @@ class Leases:
             return lease
 
     def settle(self, key: ClientKey, lease: Lease, reserved_cost: float, cost: float, tokens_delta: float) -> None:
-        self._record(key, lease.settle(reserved_cost, cost, tokens_delta))
+        lease.settle(reserved_cost, cost, tokens_delta)
+        self._has_account(key, lease)
+
+    def accounts(self, key_id: str | None = None) -> list[tuple[ClientKey, Settlement]]:
+        """The leases' accounts (of one key, or all) as settlements to write; each lease starts a new one."""
+        taken = []
+        for lease, key in list(self._unwritten.items()):
+            if key_id is None or key.id == key_id:
+                del self._unwritten[lease]
+                settlement = lease.account(key)
+                if settlement is not None:
+                    taken.append((key, settlement))
+        return taken
+
+    def _has_account(self, key: ClientKey, lease: Lease) -> None:
+        if lease not in self._unwritten:
+            self._unwritten[lease] = key
+            self._on_account()
 
     def _expire(self, key_id: str, lease: Lease) -> None:
         """An idle lease gives back what it did not use, so other replicas can have it."""
@@ -133,9 +179,8 @@ class Leases:
 
     def _retire(self, key_id: str) -> None:
         key, lease = self._current.pop(key_id)
-        given_back = lease.retire()
-        if given_back is not None:
-            self._record(key, given_back)
+        lease.retire()
+        self._has_account(key, lease)
 
     def retire_all(self) -> None:
         """Revocation through this replica, and shutdown: no request is admitted on a lease taken before."""

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 RATE_LIMITED = "rate_limit_exceeded"
 BUDGET_EXCEEDED = "budget_exceeded"
 WINDOW_SECONDS = 60.0
 
 
-@dataclass(frozen=True)
-class Ask:
-    """What one request asks of its key before it is forwarded."""
+class Ask(NamedTuple):
+    """What one request asks of its key before it is forwarded (a tuple: one is built per request)."""
 
     tokens: int  # worst-case tokens, for tpm (0 when unknown: only rpm applies)
     cost: float  # worst-case USD, reserved against the budget

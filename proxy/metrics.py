@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -152,11 +152,14 @@ class _LoopRequestMetrics:
     def cache_event(self, result: str) -> None:
         self.cache_events.inc((result,))
 
+    # The client-key series, on every request of a client key: the counters' dicts updated in place.
     def client_request(self, key_name: str, outcome: str) -> None:
-        self.client_requests.inc((key_name, outcome))
+        values, labels = self.client_requests.values, (key_name, outcome)
+        values[labels] = values.get(labels, 0.0) + 1.0
 
     def key_spend_usd(self, key_name: str, usd: float) -> None:
-        self.key_spend.inc((key_name,), usd)
+        values, labels = self.key_spend.values, (key_name,)
+        values[labels] = values.get(labels, 0.0) + usd
 
 
 class _SharedRequestMetrics:
@@ -212,6 +215,10 @@ class Metrics:
         r = self.registry
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.per_request = _SharedRequestMetrics(r) if self.multiprocess else _LoopRequestMetrics(r)
+        # Bound once, called on every request of a client key: one client-key check (ok, invalid_key,
+        # model_not_allowed, rate_limited, budget_exceeded, ...), and a key's spend in USD.
+        self.client_request: Callable[[str, str], None] = self.per_request.client_request
+        self.key_spend: Callable[[str, float], None] = self.per_request.key_spend_usd
         self.optimizer_seconds = Histogram("bpo_optimizer_seconds", "Time spent producing one rewrite",
                                            ["backend"], buckets=LATENCY_BUCKETS, registry=r)
         self.optimizer_batch_size = Histogram("bpo_optimizer_batch_size", "Prompts generated together",
@@ -233,13 +240,6 @@ class Metrics:
                                       "Sampled treatment requests not judged (budget, busy, incomplete, ...)",
                                       ["reason"], registry=r)
         # key_name: names of configured keys only ("" for a request without a valid key), so bounded.
-
-    def client_request(self, key_name: str, outcome: str) -> None:
-        """One client-key check: ok, invalid_key, model_not_allowed, rate_limited, budget_exceeded, ..."""
-        self.per_request.client_request(key_name, outcome)
-
-    def key_spend(self, key_name: str, usd: float) -> None:
-        self.per_request.key_spend_usd(key_name, usd)
 
     def observe_request(self, arm: str, applied: bool, reason: str, seconds: float, upstream_seconds: float,
                         usage: Mapping[str, Any] | None, route: str = "chat") -> None:

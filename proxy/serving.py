@@ -25,7 +25,7 @@ from optimizer.pipeline import Outcome, RewritePipeline
 from optimizer.reasons import DISABLED, NOT_USER_TURN
 from proxy.ab import ArmAssigner
 from proxy.budget import wants_usage, with_usage_requested, without_usage_chunk
-from proxy.clients import CLIENT, ClientContext, Meter
+from proxy.clients import CLIENT, ClientContext
 from proxy.context import RequestContext, Rewritten
 from proxy.disconnect import OPTIMIZER, UPSTREAM, ClientGone, ClientWatch, DisconnectWatcher
 from proxy.errors import ProxyError
@@ -122,7 +122,10 @@ class RewriteService:
         target = self.upstream.target(shape.route, request.model)
         ctx = RequestContext(shape, request_id, headers, arrived, request, api_key, decision, target, client)
         if client is not None:
-            ctx.meter = await self._admit(client, ctx)
+            sent_bytes = self._sent_bytes(ctx)
+            meter = client.admit_now(request.model, request.body, sent_bytes)  # no await on the common path
+            ctx.meter = meter if meter is not None else await client.admit_from_store(request.model, request.body,
+                                                                                      sent_bytes)
         try:
             with watch.stage(OPTIMIZER):
                 ctx.rewritten = await (self._rewrite(ctx) if self.tracing is None
@@ -191,12 +194,11 @@ class RewriteService:
             span.end(exchange_attributes(ctx.exchange), error=exc)
             raise
 
-    async def _admit(self, client: ClientContext, ctx: RequestContext) -> Meter:
-        """The key's limits and budget, for this request's worst case: the body as sent, plus the longest
-        rewrite the optimizer may add (in bytes, generously), plus the output it asks for."""
+    def _sent_bytes(self, ctx: RequestContext) -> int:
+        """What bounds the prompt the key is charged for (with the output it asks for, the request's worst
+        case): the body as sent, plus the longest rewrite the optimizer may add (in bytes, generously)."""
         rewrite = ctx.decision.optimize and self.pipeline.optimizer.status().state != "disabled"
-        margin = 8 * self.settings.optimizer_max_new_tokens if rewrite else 0
-        return await client.admit(ctx.request.model, ctx.request.body, len(ctx.request.raw) + margin)
+        return len(ctx.request.raw) + (8 * self.settings.optimizer_max_new_tokens if rewrite else 0)
 
     def _finish(self, ctx: RequestContext) -> None:
         """Once the response (or stream) is complete: the key's spend, then metrics and the event."""

@@ -38,7 +38,7 @@ def spend_of(url: str, key_id: str) -> float:
 
 
 def settled_spend(url: str, key_id: str, at_least: float, timeout: float = 30.0) -> float:
-    """The key's spend once the settler has written at least ``at_least`` (it writes within ~50 ms)."""
+    """The key's spend once the settler has written at least ``at_least`` (it writes within SETTLE_INTERVAL)."""
     deadline = time.monotonic() + timeout
     spend = spend_of(url, key_id)
     while spend < at_least - 1e-9 and time.monotonic() < deadline:

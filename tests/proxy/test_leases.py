@@ -22,13 +22,16 @@ def make_key(**limits: object) -> ClientKey:
 
 
 class Replica:
-    """One process's leases over the shared store, its settlements written when ``flush`` is called."""
+    """One process's leases over the shared store, their accounts written when ``flush`` is called."""
 
     def __init__(self, store: SqliteKeyStore) -> None:
         self.store = store
-        self.queued: list[tuple[ClientKey, Settlement]] = []
         self.store_calls = 0
-        self.leases = Leases(lambda key, item: self.queued.append((key, item)), asyncio.get_running_loop().time)
+        self.wakes = 0
+        self.leases = Leases(self.wake, asyncio.get_running_loop().time)
+
+    def wake(self) -> None:
+        self.wakes += 1
 
     async def take(self, key: ClientKey, ask: Ask) -> Lease | Admission:
         async def from_store(most: int) -> Admission:
@@ -38,8 +41,7 @@ class Replica:
         return await self.leases.take(key, ask, from_store)
 
     async def flush(self) -> None:
-        queued, self.queued = self.queued, []
-        for key, item in queued:
+        for key, item in self.leases.accounts():
             await self.store.settle(key, [item])
 
 
@@ -112,6 +114,24 @@ async def test_a_cheaper_answer_returns_the_rest_of_its_worst_case_to_the_lease(
     assert await spend_of(store, key) == pytest.approx(0.25)
 
 
+async def test_the_requests_of_a_lease_are_written_as_one_settlement(store: SqliteKeyStore) -> None:
+    key = make_key(tpm=100_000, max_budget_usd=100.0)
+    await store.put(key)
+    replica = Replica(store)
+    taken = [await replica.take(key, Ask(100, 1.0, 60)) for _ in range(5)]
+    lease = taken[0]
+    assert isinstance(lease, Lease) and all(other is lease for other in taken)
+    for _ in taken:  # each cost a quarter of its worst case, 40 tokens fewer
+        replica.leases.settle(key, lease, 1.0, 0.25, -40)
+    assert replica.wakes == 1  # the settler is woken once for the lease, not per request
+    [(_, settlement)] = replica.leases.accounts()
+    assert settlement.reservation == lease.reservation and settlement.cost == pytest.approx(1.25)
+    assert settlement.release == pytest.approx(1.25) and settlement.tokens_delta == -200
+    await store.settle(key, [settlement])
+    assert await spend_of(store, key) == pytest.approx(1.25)
+    assert replica.leases.accounts() == []
+
+
 async def test_an_idle_lease_gives_back_what_it_did_not_use(store: SqliteKeyStore,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(leases_module, "LEASE_SECONDS", 0.2)
@@ -121,15 +141,16 @@ async def test_an_idle_lease_gives_back_what_it_did_not_use(store: SqliteKeyStor
     lease = await first.take(key, Ask(0, 0.5, 60))  # 2 requests' worth: $1 held, one taken
     assert isinstance(lease, Lease) and lease.usd == pytest.approx(0.5)
     await asyncio.sleep(0.5)
-    assert lease.retired
-    [(_, given_back)] = first.queued
+    assert lease.retired and first.wakes == 1
+    [(_, given_back)] = first.leases.accounts()
     assert given_back.release == pytest.approx(0.5) and given_back.requests_delta == -1
-    await first.flush()
+    await first.store.settle(key, [given_back])
     # The other replica can now reserve all but the one request still in flight on the first.
     assert isinstance(await second.take(key, Ask(0, 9.5, 60)), Lease)
     first.leases.settle(key, lease, 0.5, 0.5, 0)  # the last request of a retired lease closes its reservation
-    [(_, closing)] = first.queued
+    [(_, closing)] = first.leases.accounts()
     assert closing.release is None and closing.cost == 0.5
+    assert first.leases.accounts() == []  # written once; the lease has nothing more to tell
 
 
 async def test_revocation_retires_this_replicas_leases(store: SqliteKeyStore) -> None:
