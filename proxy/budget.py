@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +67,10 @@ def _price_of(info: Any) -> Price | None:
 class Pricing:
     """Prices per public model name, remembered: the settings and the cost map never change while serving."""
 
-    def __init__(self, settings: Settings, cost_map: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, settings: Settings,
+                 load_cost_map: Callable[[], Mapping[str, Any]] = litellm_cost_map) -> None:
         self.settings = settings
-        self._cost_map = cost_map
+        self._load_cost_map = load_cost_map
         self._known: dict[str, Price | None] = {}
 
     def price(self, model: str) -> Price | None:
@@ -80,16 +81,13 @@ class Pricing:
         return self._known[model]
 
     def _lookup(self, model: str) -> Price | None:
-        cost_map = litellm_cost_map() if self._cost_map is None else self._cost_map
         route = self.settings.route_for(model)
-        if route is not None:
-            configured = _price_of(route.model_info)
-            if configured is not None:
-                return configured
-            provider_model = route.provider_model
-            return _price_of(cost_map.get(provider_model)) or _price_of(
-                cost_map.get(provider_model.partition("/")[2]))
-        return _price_of(cost_map.get(model)) or _price_of(cost_map.get(model.partition("/")[2]))
+        configured = _price_of(route.model_info) if route is not None else None
+        if configured is not None:
+            return configured  # the cost map is not read (~10 ms, once) for a route that has its own prices
+        cost_map = self._load_cost_map()
+        name = route.provider_model if route is not None else model
+        return _price_of(cost_map.get(name)) or _price_of(cost_map.get(name.partition("/")[2]))
 
 
 def worst_case_output(body: Mapping[str, Any], default: int) -> int:
