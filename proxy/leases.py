@@ -19,6 +19,9 @@ What a lease keeps true:
   request admitted on it settles.
 - **Revocation** through another replica is seen at its next lease, within ``LEASE_SECONDS``.
 
+What its requests spent, and what it gives back, the lease sums in its *account*; the settler
+(``ClientGuard``) takes the accounts (``Leases.accounts``) and writes one settlement per lease per round.
+
 Leases live in the event loop's thread and change only between awaits, so admitting from one needs no lock;
 refilling one does (one store call per key at a time, however many requests wait for it).
 """

@@ -88,7 +88,7 @@ def period_start(now: float, period_seconds: int, started: float) -> float:
 
 # Leases (``proxy/leases.py``): a process admits from a slice of a key's limits taken in one store step.
 LEASE_SHARE = 0.1  # a slice holds at most this share of what is free in each limited dimension
-LEASE_MAX_REQUESTS = 1000  # and at most this many requests
+LEASE_MAX_REQUESTS = 10_000  # and at most this many requests
 
 
 def lease_count(most: int, *free_and_need: tuple[float, float]) -> int:
