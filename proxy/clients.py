@@ -217,7 +217,12 @@ class ClientGuard:
         self.hold_seconds = settings.upstream_timeout + 60.0
         self._wake = asyncio.Event()  # something to write: the settler's next round
         self.leases = Leases(self._wake.set, clock)
+        # Lookups by key hash, valid or not, for --key-cache-seconds.
         self._cache: OrderedDict[str, tuple[ClientKey | None, float]] = OrderedDict()
+        # Valid keys by the key as presented, for as long: the common request needs no hash. Keyed by a
+        # secret, but a dict compares a key's text only after its hash (SipHash, seeded per process) matched,
+        # so a lookup's time tells nothing of the keys held; only valid keys enter, so its size is theirs.
+        self._recent: dict[str, tuple[ClientKey, float]] = {}
         self._config_keys = {key.key_hash: key for key in settings.keys}
         self._pending: dict[str, tuple[ClientKey, list[Settlement]]] = {}
         self._spend: dict[str, tuple[ClientKey, float]] = {}  # per key id, of keys without limits (``charge``)
@@ -265,21 +270,14 @@ class ClientGuard:
             await self.refresh_auto()
 
     def admit_known(self, scope: Scope, presented: str | None) -> bool:
-        """``check`` without the store, for the common request: True when its key is known here (the
-        config's, or cached within ``--key-cache-seconds``) and the request needs nothing from the store
-        before its route (a metered route admits it itself; a key without limits), and then its context is
-        attached. False: ``check`` decides (no key, an unknown or invalid one, the store to ask)."""
-        if presented is None:
+        """``check`` without the store, for the common request: True when its key was found valid here
+        within ``--key-cache-seconds`` and the request needs nothing from the store before its route (a
+        metered route admits it itself; a key without limits), and then its context is attached. False:
+        ``check`` decides (no key, an unknown or invalid one, a lookup or admission in the store)."""
+        recent = self._recent.get(presented) if presented is not None else None
+        if recent is None or self.clock() - recent[1] >= self.settings.key_cache_seconds:
             return False
-        digest = hash_key(presented)
-        key = self._config_keys.get(digest)
-        if key is None:
-            cached = self._cache.get(digest)
-            if cached is None or cached[0] is None or self.clock() - cached[1] >= self.settings.key_cache_seconds:
-                return False
-            key = cached[0]
-        if not same_hash(key.key_hash, digest):
-            return False
+        key = recent[0]
         admitted = scope["method"] != "POST" or scope["path"] not in METERED_PATHS
         if admitted:
             if key.limited:
@@ -314,11 +312,13 @@ class ClientGuard:
         return None
 
     async def lookup(self, presented: str) -> ClientKey | None:
+        """The valid key ``presented`` is, from the config, the cache or the store; None: unknown or revoked."""
         digest = hash_key(presented)
+        now = self.clock()
         configured = self._config_keys.get(digest)
         if configured is not None and same_hash(configured.key_hash, digest):
+            self._remember_valid(presented, configured, now)
             return configured
-        now = self.clock()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[1] < self.settings.key_cache_seconds:
             return cached[0]
@@ -331,14 +331,24 @@ class ClientGuard:
                                       headers={"retry-after": "1"}) from exc
         if key is not None and not same_hash(key.key_hash, digest):
             key = None
-        self._remember(digest, key, now)
-        return key
-
-    def _remember(self, digest: str, key: ClientKey | None, now: float) -> None:
         self._cache[digest] = (key, now)
         self._cache.move_to_end(digest)
         if len(self._cache) > MAX_CACHED_KEYS:
             self._cache.popitem(last=False)
+        if key is not None:
+            self._remember_valid(presented, key, now)
+        return key
+
+    def _remember_valid(self, presented: str, key: ClientKey, now: float) -> None:
+        """The next requests with this key find it without hashing it (``admit_known``)."""
+        if len(self._recent) >= MAX_CACHED_KEYS:
+            del self._recent[next(iter(self._recent))]  # the oldest
+        self._recent[presented] = (key, now)
+
+    def _forget_keys(self) -> None:
+        """Every key is looked up again (a revocation here, or a key the store says is gone)."""
+        self._cache.clear()
+        self._recent.clear()
 
     async def admit(self, key: ClientKey, ask: Ask) -> Lease:
         """Admits ``ask`` from this process's lease of the key's limits, or from a new one the store grants
@@ -377,7 +387,7 @@ class ClientGuard:
             period = f" for this {key.budget_period} period" if key.budget_period else ""
             return BudgetExceeded(f"This key's budget of ${key.max_budget_usd:g}{period} is spent or "
                                   "reserved by requests in flight.", headers=headers)
-        self._cache.clear()
+        self._forget_keys()
         self.count("", "invalid_key")
         return Unauthorized("The client key is not valid (unknown or revoked).")
 
@@ -461,7 +471,7 @@ class ClientGuard:
 
     async def revoke(self, key_id: str) -> bool:
         revoked = await self.store.revoke(key_id)
-        self._cache.clear()  # takes effect on this replica at once
+        self._forget_keys()  # takes effect on this replica at once
         self.leases.retire_all()
         return revoked
 
