@@ -1,22 +1,25 @@
 """The added cost of client auth, rate limits and budgets on the fast path, as a ratio to the same gateway
-without client auth in the same run: instructions per request counted by callgrind (``proxy_instructions.py``),
-so the figure holds on a shared, noisy machine.
+without client auth in the same run.
 
 Targets (optimizer off, the lean upstream of ``bench/servers.py``):
 - no client auth (the reference of this script);
-- a client key without limits (auth only: hash, cached lookup, headers stripped);
-- a key with rpm, tpm and a budget, SQLite store: one admission transaction per request, settlements batched;
-- the same key, Redis store: one Lua script per request, settlements batched.
+- a client key without limits (auth only: the key found among those remembered valid, headers stripped,
+  spend summed per key and written every 0.5 s);
+- a key with rpm, tpm and a budget, SQLite store: admitted from leases (a store transaction about once a
+  second), settlements written every 0.5 s;
+- the same key, Redis store (a Lua script per lease and per settlement write).
 
+    python bench/client_auth.py --cpu [--rounds 10] [--requests 3000]   # the figure to use
     python bench/client_auth.py [--requests 1600] [--concurrency 32] [--redis redis://127.0.0.1:6379/0]
-    python bench/client_auth.py --cpu [--rounds 3]   # the server's own CPU time per request, no valgrind
 
-``--cpu`` runs in seconds instead of ~10 minutes a target: each server serves a warm-up, then the measured
-requests, and its CPU time (user + system, from /proc) over them is divided by their number; targets are
-interleaved round by round and the median kept. CPU time is the server's own, so it suffers less from a
-busy machine than requests/s, though more than instruction counts.
+``--cpu``: each server serves a warm-up, then the measured requests, and its CPU time (all its threads',
+from ``/proc/PID/task/*/schedstat``) over them is divided by their number; targets are interleaved round by
+round and the median kept. CPU time is the server's own, so it suffers less from a busy machine than
+requests/s. Without ``--cpu``, instructions per request are counted by callgrind (``proxy_instructions.py``,
+~10 minutes a target); under valgrind a request lasts ~50x longer, so the work done once per interval (the
+settler's writes, lease refills) is shared by ~50x fewer requests and overstated (``bench/README.md``).
 
-Target: <= 10% fewer requests/s than without client auth (throughput ~ 1 / instructions per request).
+Target: <= 10% fewer requests/s than without client auth (throughput ~ 1 / CPU time per request).
 """
 
 from __future__ import annotations

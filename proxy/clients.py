@@ -1,11 +1,13 @@
 """Client auth, limits and spend: the one check every ``/v1/*`` request passes (``ClientGuard.check``).
 
-``proxy.app.Gateway`` calls ``check`` ahead of both of its dispatch paths (the chat fast path and
-Starlette's router), so no route can skip it. ``check`` authenticates, takes the client's key headers out
-of the request (nothing downstream can forward them), attaches a ``ClientContext`` to the scope and, for
-routes that do not meter themselves, admits the request against the key's rpm and budget right there. The
-routes in ``METERED_PATHS`` know the model and the worst case of their request, so they admit it themselves
-with ``ClientContext.admit`` (rpm, tpm and budget in one step) before forwarding.
+``proxy.app.Gateway`` runs the check ahead of both of its dispatch paths (the chat fast path and
+Starlette's router), so no route can skip it. ``take_client_key`` takes the client's key headers out of the
+request (nothing downstream can forward them); ``ClientGuard.admit_known`` passes the common request, whose
+key was found valid moments ago, without an await; ``ClientGuard.check`` decides the rest (no key, a lookup
+in the store). Either attaches a ``ClientContext`` to the scope and, for routes that do not meter
+themselves, admits the request against the key's rpm and budget right there. The routes in
+``METERED_PATHS`` know the model and the worst case of their request, so they admit it themselves with
+``ClientContext.admit_now`` / ``admit_from_store`` (rpm, tpm and budget in one step) before forwarding.
 ``tests/proxy/test_clients_e2e.py`` sends no key, then a spent key, to every ``/v1`` route of the app (and the
 fast path) and fails if any answers: a new route or dispatch path that skips the check, or a metered route
 that forgets to admit, is caught there.
@@ -44,7 +46,7 @@ from proxy.shapes import SHAPES, error_for_path
 log = logging.getLogger("bpo.clients")
 
 CLIENT = "bpo.client"  # the scope entry that carries the request's ClientContext
-# Routes that admit their own requests with the model and worst case known (``ClientContext.admit``): the
+# Routes that admit their own requests with the model and worst case known (``ClientContext.admit_now``): the
 # rewriting routes (``RewriteService``).
 METERED_PATHS = frozenset(shape.path for shape in SHAPES)
 CLIENT_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})  # all taken out
@@ -179,11 +181,6 @@ class ClientContext:
             self.guard.count(self.key.name, "ok")
         self.admitted = True
         return Meter(self, price, ask, lease)
-
-    async def admit(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> Meter:
-        """``admit_now``, else ``admit_from_store``."""
-        meter = self.admit_now(model, body, sent_bytes)
-        return meter if meter is not None else await self.admit_from_store(model, body, sent_bytes)
 
     def _ask(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> tuple[Price | None, Ask]:
         """The model's price and the request's worst case; 403 when the key may not use the model."""
