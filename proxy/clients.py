@@ -134,6 +134,8 @@ class Meter:
             cost = self.price.cost(tokens[0], tokens[1]) if self.price else 0.0
             used = tokens[0] + tokens[1]
         key, guard = self.context.key, self.context.guard
+        if cost:
+            guard.metrics.key_spend(key.name, cost)
         if self.lease is None:
             guard.charge(key, cost)
         else:
@@ -391,7 +393,6 @@ class ClientGuard:
     def charge(self, key: ClientKey, cost: float) -> None:
         """A finished request of a key without limits: only its spend is written (summed per key)."""
         if cost:
-            self.metrics.key_spend(key.name, cost)
             spend = self._spend
             if not spend:  # the first since the last write (while any is summed, the settler is awake)
                 self._wake.set()

@@ -171,14 +171,17 @@ def test_a_spent_budget_is_budget_exceeded(keyed: RunningProxy, upstream: FakeUp
     client.chat.completions.create(model=PRICED_MODEL, messages=MESSAGES, max_tokens=100)  # $0.1 still fits
 
 
-def test_spend_follows_the_upstreams_usage(keyed: RunningProxy) -> None:
-    created = create_key(keyed.url, name="spender")
+@pytest.mark.parametrize("limits", [{}, {"rpm": 1000, "tpm": 10**6, "max_budget_usd": 100.0}],
+                         ids=["no limits", "limits"])
+def test_spend_follows_the_upstreams_usage(keyed: RunningProxy, limits: dict[str, Any]) -> None:
+    created = create_key(keyed.url, name="spender", **limits)
     reply = sdk(keyed, created["key"]).chat.completions.create(model=PRICED_MODEL, messages=MESSAGES)
     assert reply.usage is not None
     expected = reply.usage.prompt_tokens * 1e-6 + reply.usage.completion_tokens * 1e-3
     assert settled_spend(keyed.url, created["id"], at_least=expected) == pytest.approx(expected)
     metrics = httpx.get(f"{keyed.url}/metrics", timeout=30).text
-    assert re.search(r'bpo_key_spend_usd_total\{key_name="spender"\} [0-9.e-]+', metrics)
+    counted = re.search(r'bpo_key_spend_usd_total\{key_name="spender"\} ([0-9.e+-]+)', metrics)
+    assert counted is not None and float(counted.group(1)) == pytest.approx(expected)
     assert 'bpo_client_requests_total{key_name="spender",outcome="ok"} 1.0' in metrics
     assert created["key"] not in metrics
 
