@@ -10,14 +10,18 @@ Targets (optimizer off, the lean upstream of ``bench/servers.py``):
 - the same key, Redis store (a Lua script per lease and per settlement write).
 
     python bench/client_auth.py --cpu [--rounds 10] [--requests 3000]   # the figure to use
+    python bench/client_auth.py --wall [--rounds 5] [--duration 5]      # requests/s under wrk
     python bench/client_auth.py [--requests 1600] [--concurrency 32] [--redis redis://127.0.0.1:6379/0]
 
 ``--cpu``: each server serves a warm-up, then the measured requests, and its CPU time (all its threads',
 from ``/proc/PID/task/*/schedstat``) over them is divided by their number; targets are interleaved round by
 round and the median kept. CPU time is the server's own, so it suffers less from a busy machine than
-requests/s. Without ``--cpu``, instructions per request are counted by callgrind (``proxy_instructions.py``,
-~10 minutes a target); under valgrind a request lasts ~50x longer, so the work done once per interval (the
-settler's writes, lease refills) is shared by ~50x fewer requests and overstated (``bench/README.md``).
+requests/s. ``--wall`` measures requests/s itself (wrk, reported as 1e6 / requests/s); on a machine where
+the load generator and the upstream share the cores with the gateway it understates the gateway's own cost.
+
+With neither, instructions per request are counted by callgrind (``proxy_instructions.py``, ~10 minutes a
+target); under valgrind a request lasts ~50x longer, so the work done once per interval (the settler's
+writes, lease refills) is shared by ~50x fewer requests and overstated (``bench/README.md``).
 
 Target: <= 10% fewer requests/s than without client auth (throughput ~ 1 / CPU time per request).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -45,8 +51,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from proxy_instructions import WARMUP, instructions, send  # noqa: E402
-from proxy_overhead import wait_healthy  # noqa: E402
+from proxy_overhead import BODY, wait_healthy, wrk  # noqa: E402
 
+from proxy.clients import SETTLE_INTERVAL  # noqa: E402
 from tests.fakes.upstream import free_port  # noqa: E402
 
 AUTH_ONLY = "sk-bench-auth-only-0123456789"
@@ -78,22 +85,39 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def cpu_per_request(command: list[str], key: str, requests: int, concurrency: int) -> float:
-    """The server's CPU microseconds per request over ``requests``, after a warm-up."""
+@contextlib.contextmanager
+def serving(command: list[str]) -> Iterator[tuple[int, str]]:
+    """A gateway started with ``command`` + a free port: (its pid, its chat completions URL) once ready."""
     port = free_port()
     server = subprocess.Popen([*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     try:
         wait_healthy(f"http://127.0.0.1:{port}/readyz", timeout=120)
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        asyncio.run(send(url, WARMUP, concurrency, key))
-        before = cpu_seconds(server.pid)
-        asyncio.run(send(url, requests, concurrency, key))
-        time.sleep(0.3)  # settlements batched after the last answer are part of the cost
-        return (cpu_seconds(server.pid) - before) / requests * 1e6
+        yield server.pid, f"http://127.0.0.1:{port}/v1/chat/completions"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def cpu_per_request(command: list[str], key: str, requests: int, concurrency: int) -> float:
+    """The server's CPU microseconds per request over ``requests``, after a warm-up."""
+    with serving(command) as (pid, url):
+        asyncio.run(send(url, WARMUP, concurrency, key))
+        before = cpu_seconds(pid)
+        asyncio.run(send(url, requests, concurrency, key))
+        time.sleep(SETTLE_INTERVAL + 0.2)  # the settlements written after the last answer are part of the cost
+        return (cpu_seconds(pid) - before) / requests * 1e6
+
+
+def wall_per_request(command: list[str], key: str, duration: float, concurrency: int, scripts: Path) -> float:
+    """Requests/s under wrk at ``concurrency`` connections for ``duration`` s, as µs per request (1e6 / rps)."""
+    script = scripts / f"{key}.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\n'
+                      'wrk.headers["Content-Type"] = "application/json"\n'
+                      f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+    with serving(command) as (_, url):
+        wrk(url, 4, 1.0, str(script))  # warm-up: connections, caches, the first lease
+        return 1e6 / wrk(url, concurrency, duration, str(script)).rps
 
 
 def main() -> None:
@@ -102,9 +126,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the redis:// key store")
     parser.add_argument("--cpu", action="store_true", help="CPU time per request instead of instruction counts")
-    parser.add_argument("--rounds", type=int, default=3, help="--cpu: interleaved rounds (median kept)")
+    parser.add_argument("--wall", action="store_true",
+                        help="requests/s under wrk (--concurrency connections, --duration s) instead")
+    parser.add_argument("--duration", type=float, default=5.0, help="--wall: seconds of load per target and round")
+    parser.add_argument("--rounds", type=int, default=3, help="--cpu, --wall: interleaved rounds (median kept)")
     args = parser.parse_args()
-    if not args.cpu and shutil.which("valgrind") is None:
+    if args.wall and shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
+    if not (args.cpu or args.wall) and shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
     python, servers = sys.executable, str(REPO / "bench/servers.py")
     upstream_port = free_port()
@@ -130,9 +159,9 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(f"http://127.0.0.1:{upstream_port}/")
-            if args.cpu:
-                per_request = measure_cpu(targets, args)
-                unit = "CPU µs/req"
+            if args.cpu or args.wall:
+                per_request = measure_interleaved(targets, args, directory)
+                unit = "CPU µs/req" if args.cpu else "µs/req wall"
             else:
                 per_request = measure_instructions(targets, args)
                 unit = "instr/req"
@@ -153,11 +182,15 @@ def main() -> None:
 Targets = dict[str, tuple[list[str], str]]
 
 
-def measure_cpu(targets: Targets, args: argparse.Namespace) -> dict[str, float]:
+def measure_interleaved(targets: Targets, args: argparse.Namespace, scratch: Path) -> dict[str, float]:
+    """``--cpu`` or ``--wall``: each target once per round, the median of the rounds kept."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
     for round_ in range(args.rounds):
         for name, (command, key) in targets.items():
-            samples[name].append(cpu_per_request(command, key, args.requests, args.concurrency))
+            if args.wall:
+                samples[name].append(wall_per_request(command, key, args.duration, args.concurrency, scratch))
+            else:
+                samples[name].append(cpu_per_request(command, key, args.requests, args.concurrency))
             print(f"  round {round_ + 1}  {name:<34}{samples[name][-1]:10.1f} µs", flush=True)
     return {name: statistics.median(values) for name, values in samples.items()}
 
