@@ -215,7 +215,7 @@ class ClientGuard:
         self.active = self.mode == "on"  # read on every request: "is client auth on now?"
         self.hold_seconds = settings.upstream_timeout + 60.0
         self._wake = asyncio.Event()  # something to write: the settler's next round
-        self.leases = Leases(self._wake.set, clock)
+        self.leases = Leases(self._lease_from_store, self._wake.set, clock)
         # Lookups by key hash, valid or not, for --key-cache-seconds.
         self._cache: OrderedDict[str, tuple[ClientKey | None, float]] = OrderedDict()
         # Valid keys by the key as presented, for as long: the common request needs no hash. Keyed by a
@@ -237,7 +237,7 @@ class ClientGuard:
             self._tasks.append(asyncio.create_task(self._watch_auto(), name="bpo-client-auth-auto"))
 
     async def close(self) -> None:
-        self.leases.retire_all()
+        await self.leases.close()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -353,7 +353,7 @@ class ClientGuard:
         """Admits ``ask`` from this process's lease of the key's limits, or from a new one the store grants
         (``proxy/leases.py``); raises the refusal. Returns the lease, to settle the request against."""
         try:
-            taken = await self.leases.take(key, ask, lambda most: self._lease_from_store(key, ask, most))
+            taken = await self.leases.take(key, ask)
         except KeyStoreError as exc:
             log.error("key store unreachable, refusing the request: %s", exc)
             self.count(key.name, "store_unavailable")

@@ -32,6 +32,7 @@ from optimizer.urls import redact_url
 from proxy.keys import ClientKey, key_from_spec
 from proxy.limits import (
     BUDGET_EXCEEDED,
+    INVALID_KEY,
     RATE_LIMITED,
     Admission,
     Ask,
@@ -313,7 +314,7 @@ class SqliteKeyStore:
                              " u.tpm_at, k.revoked FROM usage u JOIN keys k ON k.id = u.key_id WHERE u.key_id = ?",
                              (key.id,)).fetchone()
             if row is None or row[7] is not None:
-                return Admission(False, "invalid_api_key")
+                return Admission(False, INVALID_KEY)
             state = _UsageRow(*row[:7])
             reserved = self._reserved(db, key.id, now, ask.cost)
             refused = state.refusal(key, ask, now, reserved)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 RATE_LIMITED = "rate_limit_exceeded"
 BUDGET_EXCEEDED = "budget_exceeded"
+INVALID_KEY = "invalid_api_key"  # the key is unknown or revoked
 WINDOW_SECONDS = 60.0
 
 

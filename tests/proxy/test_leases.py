@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,21 +24,24 @@ def make_key(**limits: object) -> ClientKey:
 class Replica:
     """One process's leases over the shared store, their accounts written when ``flush`` is called."""
 
-    def __init__(self, store: SqliteKeyStore) -> None:
+    def __init__(self, store: SqliteKeyStore, clock: Callable[[], float] | None = None) -> None:
         self.store = store
         self.store_calls = 0
         self.wakes = 0
-        self.leases = Leases(self.wake, asyncio.get_running_loop().time)
+        self.gate: asyncio.Event | None = None  # when set by a test: the store answers once it opens
+        self.leases = Leases(self.grant, self.wake, clock or asyncio.get_running_loop().time)
+
+    async def grant(self, key: ClientKey, ask: Ask, most: int) -> Admission:
+        self.store_calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return await self.store.admit(key, ask, most)
 
     def wake(self) -> None:
         self.wakes += 1
 
     async def take(self, key: ClientKey, ask: Ask) -> Lease | Admission:
-        async def from_store(most: int) -> Admission:
-            self.store_calls += 1
-            return await self.store.admit(key, ask, most)
-
-        return await self.leases.take(key, ask, from_store)
+        return await self.leases.take(key, ask)
 
     async def flush(self) -> None:
         for key, item in self.leases.accounts():
@@ -72,7 +75,7 @@ async def test_a_spent_lease_is_replaced_and_the_next_one_is_smaller_near_the_li
     key = make_key(rpm=100)
     await store.put(key)
     replica = Replica(store)
-    granted = []
+    granted: list[Lease] = []
     for _ in range(100):
         lease = await replica.take(key, Ask(0, 0.0, 60))
         assert isinstance(lease, Lease)
@@ -151,6 +154,103 @@ async def test_an_idle_lease_gives_back_what_it_did_not_use(store: SqliteKeyStor
     [(_, closing)] = first.leases.accounts()
     assert closing.release is None and closing.cost == 0.5
     assert first.leases.accounts() == []  # written once; the lease has nothing more to tell
+
+
+class Clock:
+    """The leases' clock, moved by the test. (Their expiry timers run on the loop's: ``LEASE_SECONDS`` is set
+    long enough that none fires during a test.)"""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def slow_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leases_module, "LEASE_SECONDS", 60.0)
+
+
+@pytest.mark.usefixtures("slow_timers")
+async def test_a_lease_in_use_is_renewed_before_it_runs_out(store: SqliteKeyStore) -> None:
+    key = make_key(rpm=10_000)
+    await store.put(key)
+    clock = Clock()
+    replica = Replica(store, clock)
+    first = await replica.take(key, Ask(0, 0.0, 60))
+    assert isinstance(first, Lease) and replica.store_calls == 1
+    clock.now += 60 * 0.7
+    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is first and replica.store_calls == 1
+    clock.now += 60 * 0.1  # past three quarters of its life
+    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is first  # admitted at once; the renewal starts
+    await until(lambda: first.retired)
+    assert replica.store_calls == 2
+    second = replica.leases.take_now(key, Ask(0, 0.0, 60))
+    assert isinstance(second, Lease) and second is not first  # the next request never waited for the store
+    [(_, given_back)] = replica.leases.accounts()
+    assert given_back.requests_delta < 0  # the first lease's unused requests went back
+
+
+@pytest.mark.usefixtures("slow_timers")
+async def test_a_refused_renewal_leaves_the_lease_serving_and_is_not_asked_again(store: SqliteKeyStore) -> None:
+    key = make_key(max_budget_usd=1.0)
+    await store.put(key)
+    clock = Clock()
+    replica = Replica(store, clock)
+    lease = await replica.take(key, Ask(0, 0.05, 60))  # 2 requests' worth: a tenth of $1 free
+    assert isinstance(lease, Lease)
+    assert (await store.admit(key, Ask(0, 0.9, 60))).ok  # another replica takes the rest of the budget
+    clock.now += 60 * 0.8
+    assert replica.leases.take_now(key, Ask(0, 0.05, 60)) is lease
+    await until(lambda: replica.store_calls == 2)
+    await asyncio.sleep(0.05)
+    assert not lease.retired  # refused (budget): the lease still serves what it holds
+    assert replica.leases.take_now(key, Ask(0, 0.05, 60)) is None  # run out now: take would ask the store
+    assert replica.store_calls == 2
+
+
+@pytest.mark.usefixtures("slow_timers")
+async def test_a_renewal_refused_for_a_revoked_key_retires_the_lease(store: SqliteKeyStore) -> None:
+    key = make_key(rpm=10_000)
+    await store.put(key)
+    clock = Clock()
+    replica = Replica(store, clock)
+    lease = await replica.take(key, Ask(0, 0.0, 60))
+    assert isinstance(lease, Lease)
+    await store.revoke(key.id)  # through another replica
+    clock.now += 60 * 0.8
+    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is lease
+    await until(lambda: lease.retired)
+    refused = await replica.take(key, Ask(0, 0.0, 60))
+    assert isinstance(refused, Admission) and refused.code == "invalid_api_key"
+
+
+@pytest.mark.usefixtures("slow_timers")
+async def test_a_renewal_granted_after_its_lease_was_retired_gives_it_all_back(store: SqliteKeyStore) -> None:
+    key = make_key(rpm=1000)
+    await store.put(key)
+    clock = Clock()
+    replica = Replica(store, clock)
+    lease = await replica.take(key, Ask(0, 0.0, 60))
+    replica.gate = asyncio.Event()
+    clock.now += 60 * 0.8
+    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is lease
+    await until(lambda: replica.store_calls == 2)
+    replica.leases.retire_all()  # a revocation here, while the store is asked
+    replica.gate.set()
+    await replica.leases.close()  # waits for the renewal
+    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is None
+    given_back = {round(item.requests_delta) for _, item in replica.leases.accounts()}
+    # The first lease's unused 98 of 100, and the renewal's whole grant: a tenth of the 900 then free.
+    assert given_back == {-98, -90}
 
 
 async def test_revocation_retires_this_replicas_leases(store: SqliteKeyStore) -> None:
