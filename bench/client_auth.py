@@ -183,10 +183,14 @@ Targets = dict[str, tuple[list[str], str]]
 
 
 def measure_interleaved(targets: Targets, args: argparse.Namespace, scratch: Path) -> dict[str, float]:
-    """``--cpu`` or ``--wall``: each target once per round, the median of the rounds kept."""
+    """``--cpu`` or ``--wall``: each target once per round, the median of the rounds kept. The order turns by
+    one target each round, so no target always runs first or last: under ``--wall`` the later targets of a
+    fixed order ran slower (the shared upstream and machine), and the ratios fell with their place."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
+    names = list(targets)
     for round_ in range(args.rounds):
-        for name, (command, key) in targets.items():
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            command, key = targets[name]
             if args.wall:
                 samples[name].append(wall_per_request(command, key, args.duration, args.concurrency, scratch))
             else:
