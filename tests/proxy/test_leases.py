@@ -179,21 +179,30 @@ def slow_timers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(leases_module, "LEASE_SECONDS", 60.0)
 
 
-@pytest.mark.usefixtures("slow_timers")
-async def test_a_lease_in_use_is_renewed_before_it_runs_out(store: SqliteKeyStore) -> None:
-    key = make_key(rpm=10_000)
+FREE = Ask(0, 0.0, 60)  # a request that costs nothing: only rpm counts it
+
+
+async def one_lease(store: SqliteKeyStore, ask: Ask, **limits: object) -> tuple[ClientKey, Clock, Replica, Lease]:
+    """A new key with ``limits``, and a replica on a clock the test moves that holds its first lease."""
+    key = make_key(**limits)
     await store.put(key)
     clock = Clock()
     replica = Replica(store, clock)
-    first = await replica.take(key, Ask(0, 0.0, 60))
-    assert isinstance(first, Lease) and replica.store_calls == 1
+    lease = await replica.take(key, ask)
+    assert isinstance(lease, Lease) and replica.store_calls == 1
+    return key, clock, replica, lease
+
+
+@pytest.mark.usefixtures("slow_timers")
+async def test_a_lease_in_use_is_renewed_before_it_runs_out(store: SqliteKeyStore) -> None:
+    key, clock, replica, first = await one_lease(store, FREE, rpm=10_000)
     clock.now += 60 * 0.7
-    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is first and replica.store_calls == 1
+    assert replica.leases.take_now(key, FREE) is first and replica.store_calls == 1
     clock.now += 60 * 0.1  # past three quarters of its life
-    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is first  # admitted at once; the renewal starts
+    assert replica.leases.take_now(key, FREE) is first  # admitted at once; the renewal starts
     await until(lambda: first.retired)
     assert replica.store_calls == 2
-    second = replica.leases.take_now(key, Ask(0, 0.0, 60))
+    second = replica.leases.take_now(key, FREE)
     assert isinstance(second, Lease) and second is not first  # the next request never waited for the store
     [(_, given_back)] = replica.leases.accounts()
     assert given_back.requests_delta < 0  # the first lease's unused requests went back
@@ -201,53 +210,40 @@ async def test_a_lease_in_use_is_renewed_before_it_runs_out(store: SqliteKeyStor
 
 @pytest.mark.usefixtures("slow_timers")
 async def test_a_refused_renewal_leaves_the_lease_serving_and_is_not_asked_again(store: SqliteKeyStore) -> None:
-    key = make_key(max_budget_usd=1.0)
-    await store.put(key)
-    clock = Clock()
-    replica = Replica(store, clock)
-    lease = await replica.take(key, Ask(0, 0.05, 60))  # 2 requests' worth: a tenth of $1 free
-    assert isinstance(lease, Lease)
+    ask = Ask(0, 0.05, 60)
+    key, clock, replica, lease = await one_lease(store, ask, max_budget_usd=1.0)  # 2 requests' worth: $1 / 10
     assert (await store.admit(key, Ask(0, 0.9, 60))).ok  # another replica takes the rest of the budget
     clock.now += 60 * 0.8
-    assert replica.leases.take_now(key, Ask(0, 0.05, 60)) is lease
+    assert replica.leases.take_now(key, ask) is lease
     await until(lambda: replica.store_calls == 2)
     await asyncio.sleep(0.05)
     assert not lease.retired  # refused (budget): the lease still serves what it holds
-    assert replica.leases.take_now(key, Ask(0, 0.05, 60)) is None  # run out now: take would ask the store
+    assert replica.leases.take_now(key, ask) is None  # run out now: take would ask the store
     assert replica.store_calls == 2
 
 
 @pytest.mark.usefixtures("slow_timers")
 async def test_a_renewal_refused_for_a_revoked_key_retires_the_lease(store: SqliteKeyStore) -> None:
-    key = make_key(rpm=10_000)
-    await store.put(key)
-    clock = Clock()
-    replica = Replica(store, clock)
-    lease = await replica.take(key, Ask(0, 0.0, 60))
-    assert isinstance(lease, Lease)
+    key, clock, replica, lease = await one_lease(store, FREE, rpm=10_000)
     await store.revoke(key.id)  # through another replica
     clock.now += 60 * 0.8
-    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is lease
+    assert replica.leases.take_now(key, FREE) is lease
     await until(lambda: lease.retired)
-    refused = await replica.take(key, Ask(0, 0.0, 60))
+    refused = await replica.take(key, FREE)
     assert isinstance(refused, Admission) and refused.code == "invalid_api_key"
 
 
 @pytest.mark.usefixtures("slow_timers")
 async def test_a_renewal_granted_after_its_lease_was_retired_gives_it_all_back(store: SqliteKeyStore) -> None:
-    key = make_key(rpm=1000)
-    await store.put(key)
-    clock = Clock()
-    replica = Replica(store, clock)
-    lease = await replica.take(key, Ask(0, 0.0, 60))
+    key, clock, replica, lease = await one_lease(store, FREE, rpm=1000)
     replica.gate = asyncio.Event()
     clock.now += 60 * 0.8
-    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is lease
+    assert replica.leases.take_now(key, FREE) is lease
     await until(lambda: replica.store_calls == 2)
     replica.leases.retire_all()  # a revocation here, while the store is asked
     replica.gate.set()
     await replica.leases.close()  # waits for the renewal
-    assert replica.leases.take_now(key, Ask(0, 0.0, 60)) is None
+    assert replica.leases.take_now(key, FREE) is None
     given_back = {round(item.requests_delta) for _, item in replica.leases.accounts()}
     # The first lease's unused 98 of 100, and the renewal's whole grant: a tenth of the 900 then free.
     assert given_back == {-98, -90}
