@@ -176,11 +176,10 @@ class ClientContext:
         return Meter(self, price, ask, lease)
 
     async def admit_from_store(self, model: str, body: Mapping[str, Any], sent_bytes: int) -> Meter:
-        """Admit a request that needs a new lease from the store; 429 if over a limit or the budget."""
+        """Admit a request of a key with limits that needs a new lease from the store (``admit_now`` said
+        so); 429 if over a limit or the budget."""
         price, ask = self._ask(model, body, sent_bytes)
-        lease = await self.guard.admit(self.key, ask) if self.key.limited else None
-        if lease is None:
-            self.guard.count(self.key.name, "ok")
+        lease = await self.guard.admit(self.key, ask)
         self.admitted = True
         return Meter(self, price, ask, lease)
 
@@ -407,14 +406,11 @@ class ClientGuard:
                 or (key.tpm and settlement.tokens_delta) or (key.rpm and settlement.requests_delta)):
             return
         self._queue(key, settlement)
+        self._wake.set()
 
     def _queue(self, key: ClientKey, settlement: Settlement) -> None:
-        entry = self._pending.get(key.id)
-        if entry is None:
-            self._pending[key.id] = (key, [settlement])
-        else:
-            entry[1].append(settlement)
-        self._wake.set()
+        """``settlement`` goes with the next write of ``key``'s account."""
+        self._pending.setdefault(key.id, (key, []))[1].append(settlement)
 
     async def _settle_forever(self) -> None:
         while True:
@@ -426,9 +422,9 @@ class ClientGuard:
     async def _flush(self, retries: int) -> None:
         spend, self._spend = self._spend, {}
         for key, cost in spend.values():
-            self._pending.setdefault(key.id, (key, []))[1].append(Settlement(None, cost, 0))
+            self._queue(key, Settlement(None, cost, 0))
         for key, settlement in self.leases.accounts():
-            self._pending.setdefault(key.id, (key, []))[1].append(settlement)
+            self._queue(key, settlement)
         pending, self._pending = self._pending, {}
         for key, queued in pending.values():
             await self._write(key, queued, retries)

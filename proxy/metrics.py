@@ -152,14 +152,11 @@ class _LoopRequestMetrics:
     def cache_event(self, result: str) -> None:
         self.cache_events.inc((result,))
 
-    # The client-key series, on every request of a client key: the counters' dicts updated in place.
     def client_request(self, key_name: str, outcome: str) -> None:
-        values, labels = self.client_requests.values, (key_name, outcome)
-        values[labels] = values.get(labels, 0.0) + 1.0
+        self.client_requests.inc((key_name, outcome))
 
     def key_spend_usd(self, key_name: str, usd: float) -> None:
-        values, labels = self.key_spend.values, (key_name,)
-        values[labels] = values.get(labels, 0.0) + usd
+        self.key_spend.inc((key_name,), usd)
 
 
 class _SharedRequestMetrics:
